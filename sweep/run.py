@@ -1,0 +1,354 @@
+"""Run (or resume) a sweep of the U-Net family: Ray Tune schedules, Optuna searches.
+
+    python sweep/run.py                  # small CPU-sized default sweep, a few minutes
+    python sweep/run.py --gpus 4         # 4 GPUs, one trial per GPU
+    python sweep/run.py --address auto   # join a running Ray cluster
+
+Run the same command again after an interruption and the sweep continues where it
+stopped; `--fresh` starts over (the old run is moved aside, never deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import functools
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a plain checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.sources import DataError, load_fashion_mnist, load_mnist
+from model.unet import params_of
+from sweep.space import SMALLEST, space
+
+OBJECTIVES = ("mse", "pareto")
+
+
+class UsageError(Exception):
+    """A bad flag: one line naming it and what is allowed; exit code 2."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"
+    storage: Path = Path("runs")
+    report: Path = Path("results/report.csv")
+    trials: int = 6
+    objective: str = "mse"
+    gpus: float = 0  # GPUs on this machine (logical ones are fine for testing scheduling)
+    gpus_per_trial: float = 1
+    cpus: int | None = None  # CPUs Ray may use here; default: all
+    cpus_per_trial: float = 1
+    address: str | None = None  # join this Ray cluster instead of starting one
+    max_epochs: int = 2
+    samples_per_epoch: int = 8_192
+    val_pairs: int = 1_000
+    test_pairs: int = 2_000  # per test set, 10 sets, for finished trials (0: no test score)
+    time_budget: float | None = None  # seconds
+    max_params: int | None = 300_000
+    seed: int = 0
+    fresh: bool = False
+
+    @property
+    def experiment(self) -> Path:
+        return self.storage.resolve() / self.name
+
+
+def number(kind: type, allow_zero: bool = False):
+    """An argparse type: a finite int/float > 0 (or >= 0), else a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> SweepConfig:
+    d = SweepConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default=d.name, help="experiment name (default %(default)s)")
+    p.add_argument("--storage", type=Path, default=d.storage,
+                   help="experiment root; shared storage on a cluster (default %(default)s)")
+    p.add_argument("--report", type=Path, default=d.report, help="default %(default)s")
+    p.add_argument("--trials", type=number(int), default=d.trials)
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="mse: minimize val MSE; pareto: val MSE against parameter count")
+    p.add_argument("--gpus", type=number(float, allow_zero=True), default=d.gpus)
+    p.add_argument("--gpus-per-trial", type=number(float), default=d.gpus_per_trial)
+    p.add_argument("--cpus", type=number(int), default=d.cpus)
+    p.add_argument("--cpus-per-trial", type=number(float), default=d.cpus_per_trial)
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else start one here)")
+    p.add_argument("--max-epochs", type=number(int), default=d.max_epochs)
+    p.add_argument("--samples-per-epoch", type=number(int), default=d.samples_per_epoch)
+    p.add_argument("--val-pairs", type=number(int), default=d.val_pairs)
+    p.add_argument("--test-pairs", type=number(int, allow_zero=True), default=d.test_pairs)
+    p.add_argument("--time-budget", type=number(float), default=d.time_budget,
+                   help="seconds; then the sweep stops cleanly")
+    p.add_argument("--max-params", type=number(int, allow_zero=True),
+                   default=d.max_params,
+                   help="narrow or skip variants above this many parameters "
+                        "(default %(default)s; 0 = no limit)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--fresh", action="store_true",
+                   help="start over; the old experiment is moved aside, not deleted")
+    args = p.parse_args(argv)
+    config = SweepConfig(**{k: v for k, v in vars(args).items()})
+    check(config)
+    return config
+
+
+def check(c: SweepConfig) -> None:
+    """Cross-flag checks argparse cannot do alone."""
+    if c.gpus and c.gpus_per_trial > c.gpus:
+        raise UsageError(f"--gpus-per-trial {c.gpus_per_trial} is more than --gpus {c.gpus}")
+    if c.cpus is not None and c.cpus_per_trial > c.cpus:
+        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than --cpus {c.cpus}")
+    if c.max_params and c.max_params < params_of(SMALLEST):
+        raise UsageError(f"--max-params {c.max_params}: no variant fits; the smallest in the "
+                         f"space has {params_of(SMALLEST)} parameters")
+    if c.address and (c.cpus is not None or c.gpus):
+        raise UsageError("--cpus/--gpus describe a Ray instance started here; with --address "
+                         "the cluster's own resources are used")
+    if not c.name or "/" in c.name or c.name.startswith("."):
+        raise UsageError(f"--name must be a plain directory name, got {c.name!r}")
+
+
+# --- the experiment directory ---------------------------------------------------------------
+
+def lock_experiment(experiment: Path):
+    """Hold an exclusive lock for this driver's lifetime: a second driver on the same
+    experiment would corrupt it. The OS drops the lock when the process dies, however."""
+    experiment.mkdir(parents=True, exist_ok=True)
+    handle = open(experiment / ".driver.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        raise UsageError(f"another sweep is running on {experiment} (driver pid {owner}); "
+                         "wait for it, or use another --name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def move_aside(experiment: Path) -> Path:
+    aside = experiment.with_name(f"{experiment.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(experiment, aside)
+    return aside
+
+
+# --- Ray -----------------------------------------------------------------------------------
+
+def start_ray(c: SweepConfig) -> None:
+    import ray
+    import torch
+
+    if c.address:
+        ray.init(address=c.address, log_to_driver=False)
+        return
+    if c.gpus and not torch.cuda.is_available():
+        # Logical GPUs on a CPU machine (for testing the scheduling): ray.init refuses when
+        # CUDA_VISIBLE_DEVICES lists fewer devices than declared.
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    ray.init(num_cpus=c.cpus, num_gpus=c.gpus, include_dashboard=False,
+             dashboard_host="127.0.0.1", log_to_driver=False,
+             object_store_memory=200 * 1024**2)
+
+
+def concurrency(c: SweepConfig) -> int:
+    """How many trials fit at once; Tune also needs it told (Optuna keeps one pending)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    fits = resources.get("CPU", 1) / c.cpus_per_trial
+    if resources.get("GPU"):
+        fits = min(fits, resources.get("GPU", 0) / c.gpus_per_trial)
+    return max(1, min(c.trials, math.floor(fits + 1e-9)))
+
+
+def build_tuner(c: SweepConfig, progress):
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweep.trainable import tune_trial
+
+    # GPUs only where Ray has some (real, or logical ones declared with --gpus).
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial if has_gpus else 0}
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, max_params=c.max_params or None), resources)
+    run_config = tune.RunConfig(
+        name=c.name,
+        storage_path=str(c.storage.resolve()),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=2),  # a killed worker: retried
+        callbacks=[progress],
+        verbose=0,
+    )
+    if tune.Tuner.can_restore(str(c.experiment)):
+        print(f"resuming the sweep in {c.experiment}")
+        # The search space, the Optuna study and the trial count come back from the
+        # experiment; finished trials are kept, interrupted ones continue from checkpoints.
+        return tune.Tuner.restore(str(c.experiment), trainable, resume_errored=True)
+
+    constants = {"epochs": c.max_epochs, "samples_per_epoch": c.samples_per_epoch,
+                 "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed}
+    define_by_run = functools.partial(space, constants=constants,
+                                      max_params=c.max_params or None)
+    n_concurrent = concurrency(c)
+    # Few random start-up trials: in parallel they are overrun anyway (ray issue 52535).
+    sampler = optuna.samplers.TPESampler(seed=c.seed,
+                                         n_startup_trials=max(2, min(5, c.trials // 4)))
+    # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
+    # concurrency limit Tune wraps the searcher and would not pass them on.
+    if c.objective == "pareto":
+        search = OptunaSearch(define_by_run, metric=["val_mse", "params"], mode=["min", "min"],
+                              sampler=sampler)
+    else:
+        search = OptunaSearch(define_by_run, metric="val_mse", mode="min", sampler=sampler)
+    scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="training_iteration",
+                              max_t=c.max_epochs, grace_period=1, reduction_factor=2)
+    tune_config = tune.TuneConfig(
+        search_alg=search, scheduler=scheduler, num_samples=c.trials,
+        max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget)
+    print(f"new sweep in {c.experiment}: {c.trials} trials, up to {n_concurrent} at once")
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+
+# --- progress and the live report ---------------------------------------------------------
+
+def make_progress(c: SweepConfig):
+    from ray import tune
+
+    from sweep.report import write_report
+
+    class Progress(tune.Callback):
+        """Prints a line on each trial's news (at most every 10 s for results) and rewrites
+        the report whenever a trial ends. Pickled with the experiment, so it keeps no
+        state that must survive a restore."""
+
+        def setup(self, **info) -> None:
+            self.started = time.monotonic()
+            self.last_print = 0.0
+
+        def line(self, trials, news: str) -> None:
+            done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+            running = sum(t.status == "RUNNING" for t in trials)
+            scores = [t.last_result.get("val_mse") for t in trials if t.last_result]
+            scores = [s for s in scores if s is not None and math.isfinite(s)]
+            best = f"{min(scores):.3e}" if scores else "-"
+            elapsed = time.monotonic() - self.started
+            if c.time_budget:
+                left = f"{max(0.0, c.time_budget - elapsed) / 60:.1f} min left (budget)"
+            elif done:
+                per_trial = elapsed / len(done)
+                left = f"~{per_trial * (c.trials - len(done)) / 60:.1f} min left"
+            else:
+                left = "time left: after the first trial"
+            print(f"[{elapsed / 60:5.1f} min] {len(done)}/{c.trials} done, {running} running, "
+                  f"best val_mse {best}, {left} | {news}", flush=True)
+
+        def report(self, trials) -> None:
+            try:
+                write_report(trials, c.report)
+            except OSError as e:  # a full disk must not end the sweep; the old file stays
+                print(f"warning: could not rewrite {c.report}: {e}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if time.monotonic() - self.last_print > 10:
+                self.last_print = time.monotonic()
+                self.line(trials, f"{trial.trial_id} epoch {result.get('epoch')}: "
+                                  f"val_mse {result.get('val_mse', math.nan):.3e}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            status = (trial.last_result or {}).get("status", "")
+            self.line(trials, f"{trial.trial_id} ended ({status})")
+            self.report(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.line(trials, f"{trial.trial_id} failed (see {trial.error_file})")
+            self.report(trials)
+
+    return Progress()
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def fill_data_cache() -> None:
+    """Load (and on first use cache) both datasets here, once, with a clear error, before
+    any trial starts; trials then read the verified cache."""
+    for load in (load_mnist, load_fashion_mnist):
+        images = load()
+        print(f"data: {images.name} from {images.source}")
+
+
+def sweep(c: SweepConfig) -> int:
+    import ray
+
+    from sweep.report import load_trials, write_report
+
+    experiment = c.experiment
+    if c.fresh and experiment.exists():
+        print(f"--fresh: moved the previous experiment to {move_aside(experiment)}")
+    lock = lock_experiment(experiment)
+    fill_data_cache()
+    start_ray(c)
+    try:
+        tuner = build_tuner(c, make_progress(c))
+        print(f"settings: {asdict(c)}")
+        tuner.fit()
+        trials = load_trials(experiment)
+    finally:
+        ray.shutdown()
+    df = write_report(trials, c.report)
+    unfinished = df["status"].isin(["running", "pending", "paused"]).sum()
+    print(df["status"].value_counts().to_string())
+    best = df[df["val_mse"].notna()].sort_values("val_mse").head(1)
+    if len(best):
+        row = best.iloc[0]
+        print(f"best: trial {row.trial_id}, val_mse {row.val_mse:.3e}, "
+              f"{int(row.params)} params\n  checkpoint: {row.checkpoint}\n"
+              f"  evaluate:   python sweep/evaluate.py {row.checkpoint}")
+    print(f"report: {c.report} (and {c.report.with_name('pareto.png')})\n"
+          f"tensorboard: tensorboard --logdir {experiment}")
+    lock.close()
+    if unfinished or len(df) < c.trials:
+        print(f"interrupted: {len(df) - unfinished}/{c.trials} trials ended; run the same "
+              "command to continue")
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        return sweep(config)
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The search space, define-by-run: each suggestion next to the config field it sets."""
+
+from __future__ import annotations
+
+import optuna
+
+from model.unet import UNetConfig, params_of
+
+BASE_FILTERS = (8, 12, 16, 24, 32, 48)
+# Every axis at its smallest: no variant of the space has fewer parameters.
+SMALLEST = UNetConfig(base_filters=BASE_FILTERS[0], depth=1, enc_convs=1, dec_convs=1,
+                      decoder_width_mult=1, depthwise_head=False)
+
+
+def suggest_model(trial: optuna.Trial) -> dict:
+    return {
+        "base_filters": trial.suggest_categorical("base_filters", BASE_FILTERS),
+        "depth": trial.suggest_int("depth", 1, 3),
+        "enc_convs": trial.suggest_int("enc_convs", 1, 3),
+        "dec_convs": trial.suggest_int("dec_convs", 1, 4),
+        "decoder_width_mult": trial.suggest_categorical("decoder_width_mult", (1, 2, 4)),
+        "depthwise_head": trial.suggest_categorical("depthwise_head", (True, False)),
+        "mixture_consistent": trial.suggest_categorical("mixture_consistent", (True, False)),
+    }
+
+
+def fit_budget(model: dict, max_params: int | None) -> dict:
+    """Over the parameter budget: narrow the base width to the widest that fits (the
+    other axes stay as suggested), so no trial is spent on a model we would not train."""
+    if max_params is None or params_of(UNetConfig(**model)) <= max_params:
+        return model
+    for width in sorted(BASE_FILTERS, reverse=True):
+        narrowed = {**model, "base_filters": width}
+        if params_of(UNetConfig(**narrowed)) <= max_params:
+            return narrowed
+    return {**model, "base_filters": BASE_FILTERS[0]}  # the trial will report "skipped"
+
+
+def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:
+    """The define-by-run function for OptunaSearch (bind the last two with
+    functools.partial, which pickles with the experiment); `constants` are the fixed train
+    settings. Values returned here override what Optuna suggested, so a narrowed base width
+    shows in the trial's config (Optuna keeps the value it asked for)."""
+    model = fit_budget(suggest_model(trial), max_params)
+    lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
+    batch_size = trial.suggest_categorical("batch_size", (32, 64, 128))
+    return {**model, "lr": lr, "batch_size": batch_size, **constants}

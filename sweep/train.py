@@ -1,0 +1,338 @@
+"""One training trial: build a U-Net, train it epoch by epoch, checkpoint, resume exactly.
+
+The same code runs alone and inside a sweep:
+
+    python sweep/train.py --preset small --epochs 1        # trains, prints per epoch
+    python sweep/train.py --preset reference --summary     # config, params, FLOPs; no training
+
+`run_trial` is a generator: it yields (metrics, checkpoint) after every epoch, and the
+caller decides where they go (this CLI: a file and stdout; the sweep: `tune.report`).
+Resuming is one branch: pass the last checkpoint back in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script from a plain checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.mixture import Sources, load_sources, make_batch, random_indices
+from data.sources import DataError
+from model.unet import PRESETS, ConfigError, UNet, UNetConfig, count_params, preset
+from model.unet import train_flops_per_sample as flops_of
+from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from sweep.device import FastPath, choose_fast_path, pick_device
+from sweep.scoring import test_score, val_mse
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SWITCHES = ("auto", "on", "off")
+# Fields that change how fast a trial runs, never what it computes: free to differ on resume.
+RUNTIME_FIELDS = {"threads", "device", "compile", "test_pairs", "precision", "channels_last"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    samples_per_epoch: int = 50_000  # pairs are drawn afresh, so an epoch is a budget
+    batch_size: int = 64
+    lr: float = 3e-3  # AdamW peak; cosine decay to lr / 100 over all epochs
+    weight_decay: float = 1e-4
+    val_pairs: int = 2_000  # fixed validation pairs from the held-out images
+    test_pairs: int = 0  # >0: score the test protocol (10 sets of this size) at the end
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast only where the hardware has native bf16
+    channels_last: str = "auto"
+    compile: bool = False  # torch.compile: pays off on GPUs and long runs only
+    device: str = "auto"  # auto: cuda if torch sees one, else cpu
+    threads: int = 0  # torch CPU threads; 0 = torch's default (a sweep sets its CPU share)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "samples_per_epoch", "batch_size", "val_pairs")
+        for name in positive + ("test_pairs", "seed", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value < (1 if name in positive else 0):
+                raise ConfigError(f"{name} must be >= {1 if name in positive else 0}, "
+                                  f"got {value}")
+        if self.batch_size > self.samples_per_epoch:
+            raise ConfigError("batch_size must not exceed samples_per_epoch")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"lr must be in (0, 1], got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.channels_last not in SWITCHES:
+            raise ConfigError(f"channels_last must be one of {SWITCHES}, "
+                              f"got {self.channels_last!r}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.samples_per_epoch // self.batch_size
+
+
+def split_config(flat: dict) -> tuple[UNetConfig, TrainConfig]:
+    """A flat dict (a sweep's config, a checkpoint's) -> (model config, train config)."""
+    model_keys = {f.name for f in fields(UNetConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(flat) - model_keys - train_keys)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}")
+    model = UNetConfig(**{k: v for k, v in flat.items() if k in model_keys})
+    train = TrainConfig(**{k: v for k, v in flat.items() if k in train_keys})
+    return model, train
+
+
+@dataclass
+class Trial:
+    """Everything that changes while training; a checkpoint is exactly this, as data."""
+
+    model: UNet
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    batches: torch.Generator  # draws the training pairs
+    epoch: int = 0
+    train_seconds: float = 0.0
+
+    def state(self, model_cfg: UNetConfig, cfg: TrainConfig, metrics: dict) -> dict:
+        return {
+            "model_config": model_cfg.to_dict(),
+            "train_config": asdict(cfg),
+            "epoch": self.epoch,
+            "train_seconds": self.train_seconds,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {"batches": self.batches.get_state(), "torch": torch.get_rng_state()},
+            "metrics": metrics,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.batches.set_state(state["rng"]["batches"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.epoch = state["epoch"]
+        self.train_seconds = state["train_seconds"]
+
+
+def build_trial(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> Trial:
+    torch.manual_seed(cfg.seed)
+    model = UNet(model_cfg).to(fast.device, memory_format=fast.memory_format())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps, cfg.lr / 100)
+    batches = torch.Generator(device=fast.device).manual_seed(cfg.seed)
+    return Trial(model, optimizer, schedule, batches)
+
+
+def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig) -> None:
+    """Refuse to continue a checkpoint under a different config: the result would be
+    neither run."""
+    saved = {**state["model_config"], **state["train_config"]}
+    wanted = {**model_cfg.to_dict(), **asdict(cfg)}
+    differ = [k for k in wanted if k not in RUNTIME_FIELDS and saved.get(k) != wanted[k]]
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in differ)
+        raise ConfigError(f"the checkpoint was trained with another config ({changes})")
+
+
+def train_epoch(trial: Trial, train_pair, model_cfg: UNetConfig, cfg: TrainConfig,
+                fast: FastPath, step_fn, log: Callable[[str], None] | None) -> float:
+    """One epoch of fresh random pairs; returns the mean train loss (NaN if it diverged)."""
+    trial.model.train()
+    loss_sum = torch.zeros((), device=fast.device)
+    last_log = time.perf_counter()
+    for step in range(1, cfg.steps_per_epoch + 1):
+        idx1, idx2 = random_indices(train_pair, cfg.batch_size, trial.batches)
+        x, y = make_batch(train_pair, idx1, idx2, model_cfg.mixture)
+        loss_sum += step_fn(x.contiguous(memory_format=fast.memory_format()), y)
+        trial.schedule.step()
+        if step % 50 == 0 and not torch.isfinite(loss_sum):
+            return math.nan  # stop now; the caller ends the trial with status "diverged"
+        if log and time.perf_counter() - last_log > 30:
+            last_log = time.perf_counter()
+            log(f"  epoch {trial.epoch + 1}: step {step}/{cfg.steps_per_epoch}, "
+                f"loss {loss_sum.item() / step:.3e}")
+    return loss_sum.item() / cfg.steps_per_epoch
+
+
+def make_step_fn(trial: Trial, fast: FastPath, compile_model: bool):
+    model = torch.compile(trial.model) if compile_model else trial.model
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with fast.autocast():
+            pred = model(x)
+        loss = F.mse_loss(pred.float(), y)
+        trial.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trial.optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def run_trial(
+    model_cfg: UNetConfig,
+    cfg: TrainConfig,
+    sources: Sources,
+    fast: FastPath,
+    resume: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[dict, dict, UNet]]:
+    """Train from scratch or from `resume`; after each epoch yield (metrics, checkpoint,
+    model).
+
+    metrics["status"] is "running" until the last epoch ("finished"), or "diverged" when
+    the loss turned NaN/inf (the generator then stops)."""
+    trial = build_trial(model_cfg, cfg, fast)
+    if resume is not None:
+        check_resumable(resume, model_cfg, cfg)
+        trial.restore(resume)
+    step_fn = make_step_fn(trial, fast, cfg.compile)
+    params = count_params(trial.model)
+    while trial.epoch < cfg.epochs:
+        start = time.perf_counter()
+        train_loss = train_epoch(trial, sources.train, model_cfg, cfg, fast, step_fn, log)
+        seconds = time.perf_counter() - start
+        trial.epoch += 1
+        trial.train_seconds += seconds
+        diverged = not math.isfinite(train_loss)
+        metrics = {
+            "epoch": trial.epoch,
+            "train_loss": train_loss,
+            "val_mse": math.nan if diverged else val_mse(
+                trial.model, sources.val, model_cfg.mixture, fast, cfg.val_pairs),
+            "samples_per_s": cfg.steps_per_epoch * cfg.batch_size / seconds,
+            "train_seconds": trial.train_seconds,
+            "lr": trial.schedule.get_last_lr()[0],
+            "params": params,
+            "status": "diverged" if diverged else
+                      "finished" if trial.epoch == cfg.epochs else "running",
+        }
+        if metrics["status"] == "finished" and cfg.test_pairs:
+            metrics["test_mse_mean"], metrics["test_mse_std"] = test_score(
+                trial.model, sources.test, model_cfg.mixture, fast, cfg.test_pairs)
+            metrics["test_pairs"] = cfg.test_pairs
+        yield metrics, trial.state(model_cfg, cfg, metrics), trial.model
+        if diverged:
+            return
+
+
+# --- command line -------------------------------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (--base-filters, --no-batch-norm, ...), default: unset."""
+    for cls, title in ((UNetConfig, "model (overrides the preset)"), (TrainConfig, "training")):
+        group = parser.add_argument_group(title)
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                                   help=f"default {f.default!r}")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[UNetConfig, TrainConfig]:
+    model_overrides = {f.name: getattr(args, f.name) for f in fields(UNetConfig)
+                       if getattr(args, f.name) is not None}
+    train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                    if getattr(args, f.name) is not None}
+    return preset(args.preset, **model_overrides), TrainConfig(**train_values)
+
+
+def summary(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> str:
+    lines = [f"model:  {model_cfg}", f"train:  {cfg}",
+             f"fast path: bf16={fast.bf16} channels_last={fast.channels_last} "
+             f"({fast.device}; {fast.reason})",
+             f"params: {count_params(UNet(model_cfg))}",
+             f"train_flops_per_sample: {flops_of(model_cfg)}"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default runs/<preset>); an existing checkpoint "
+                             "there is resumed")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: move an existing run directory aside first")
+    parser.add_argument("--summary", action="store_true", help="print and exit, no training")
+    parser.add_argument("--mnist-dir", type=Path, help="directory of MNIST IDX files")
+    parser.add_argument("--fashion-dir", type=Path, help="directory of Fashion-MNIST IDX files")
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model_cfg, cfg = configs_from_args(args)
+    except (ConfigError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    set_threads(cfg.threads)
+    fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+    if args.summary:
+        print(summary(model_cfg, cfg, fast))
+        return 0
+
+    out = args.out or Path("runs") / args.preset
+    ckpt_path = out / CHECKPOINT_FILE
+    if args.fresh and out.exists():
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(out, aside)
+        print(f"moved the previous run to {aside}")
+    try:
+        resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+        metrics = resume["metrics"] if resume else {}
+        if resume:
+            print(f"resuming from {ckpt_path} (epoch {resume['epoch']})")
+        sources = load_sources(fast.device, args.mnist_dir, args.fashion_dir)
+        print(f"params: {count_params(UNet(model_cfg))}, device {fast.device}, "
+              f"bf16={fast.bf16}, channels_last={fast.channels_last}, "
+              f"threads {torch.get_num_threads()}")
+        for metrics, state, _ in run_trial(model_cfg, cfg, sources, fast, resume, log=print):
+            save_checkpoint(state, ckpt_path)
+            print(f"epoch {metrics['epoch']}/{cfg.epochs}: val_mse {metrics['val_mse']:.3e} "
+                  f"train_loss {metrics['train_loss']:.3e} "
+                  f"{metrics['samples_per_s']:.0f} samples/s "
+                  f"elapsed {metrics['train_seconds']:.0f}s [{metrics['status']}]")
+            if "test_mse_mean" in metrics:
+                print(f"test_mse {metrics['test_mse_mean']:.3e} "
+                      f"± {metrics['test_mse_std']:.1e} ({cfg.test_pairs} pairs x 10)")
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {ckpt_path}")
+    return 1 if metrics.get("status") == "diverged" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

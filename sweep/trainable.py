@@ -1,0 +1,78 @@
+"""The Ray Tune trainable: `run_trial` wired to `tune.report`, checkpoints and TensorBoard."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+from tensorboardX import SummaryWriter
+
+from data.mixture import load_sources
+from model.unet import params_of
+from model.unet import train_flops_per_sample as flops_of
+from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from sweep.device import choose_fast_path, pick_device
+from sweep.scoring import separation_rows
+from sweep.train import run_trial, split_config
+
+
+def last_good_checkpoint(trial_dir: Path | None) -> dict | None:
+    """Tune's latest checkpoint, or, if that file is damaged, the newest one before it that
+    loads (Tune keeps a few); None means start from scratch. Says what it did."""
+    latest = tune.get_checkpoint()
+    if latest is None:
+        return None
+    candidates = [Path(latest.path)]
+    if trial_dir is not None:
+        older = sorted(trial_dir.glob("checkpoint_*"), reverse=True)
+        candidates += [p for p in older if p != candidates[0]]
+    for directory in candidates:
+        try:
+            state = load_checkpoint(directory / CHECKPOINT_FILE)
+        except CheckpointError as e:
+            print(f"[trial] skipping damaged checkpoint: {e}")
+            continue
+        print(f"[trial] resuming from {directory} (epoch {state['epoch']})")
+        return state
+    print("[trial] no usable checkpoint: starting from scratch")
+    return None
+
+
+def tune_trial(config: dict, max_params: int | None = None) -> None:
+    # Torch threads = the CPUs Ray gave this trial: more would oversubscribe the cores.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, math.floor(cpus)))
+    model_cfg, cfg = split_config(config)
+    params = params_of(model_cfg)
+    where = {
+        "params": params,
+        "flops_per_sample": flops_of(model_cfg),
+        "node": ray.get_runtime_context().get_node_id()[:12],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "pid": os.getpid(),
+    }
+    if max_params is not None and params > max_params:
+        tune.report({**where, "status": "skipped", "epoch": 0, "val_mse": math.nan,
+                     "reason": f"{params} params > --max-params {max_params}"})
+        return
+
+    fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+    sources = load_sources(fast.device)  # the driver filled and verified the cache
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    resume = last_good_checkpoint(trial_dir)
+    writer = SummaryWriter(str(trial_dir / "images"))
+    for metrics, state, model in run_trial(model_cfg, cfg, sources, fast, resume):
+        rows = separation_rows(model, sources.val, model_cfg.mixture, fast)
+        writer.add_image("val/mixture|true1|true2|pred1|pred2", rows, metrics["epoch"],
+                         dataformats="HW")
+        writer.flush()
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
+            tune.report({**where, **metrics}, checkpoint=tune.Checkpoint.from_directory(directory))
+    writer.close()
+
