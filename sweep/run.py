@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                    help="seconds; then the sweep stops cleanly")
     p.add_argument("--max-params", type=number(int, allow_zero=True),
                    default=d.max_params,
-                   help="narrow or skip variants above this many parameters "
+                   help="shrink suggested variants to at most this many parameters "
                         "(default %(default)s; 0 = no limit)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fresh", action="store_true",
@@ -184,7 +184,14 @@ def concurrency(c: SweepConfig) -> int:
     return max(1, min(c.trials, math.floor(fits + 1e-9)))
 
 
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def build_tuner(c: SweepConfig, progress):
+    # Snapshot the experiment every 2 s (Tune's default: 10 s or more). A killed driver
+    # resumes from the last snapshot; trials also pick up newer checkpoints from disk.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     import optuna
     import ray
     from ray import tune
@@ -231,7 +238,8 @@ def build_tuner(c: SweepConfig, progress):
                               max_t=c.max_epochs, grace_period=1, reduction_factor=2)
     tune_config = tune.TuneConfig(
         search_alg=search, scheduler=scheduler, num_samples=c.trials,
-        max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget)
+        max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,
+        trial_dirname_creator=trial_dirname)
     print(f"new sweep in {c.experiment}: {c.trials} trials, up to {n_concurrent} at once")
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -284,6 +292,7 @@ def make_progress(c: SweepConfig):
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             status = (trial.last_result or {}).get("status", "")
+            status = status if status in ("finished", "diverged", "skipped") else "stopped early"
             self.line(trials, f"{trial.trial_id} ended ({status})")
             self.report(trials)
 

@@ -24,23 +24,38 @@ def suggest_model(trial: optuna.Trial) -> dict:
     }
 
 
+def shrink_steps(model: dict):
+    """Ever smaller variants of `model`, down to SMALLEST: first a standard-width decoder,
+    then narrower, then fewer convolutions and steps."""
+    while model["decoder_width_mult"] > 1:
+        model = {**model, "decoder_width_mult": model["decoder_width_mult"] // 2}
+        yield model
+    for width in sorted((w for w in BASE_FILTERS if w < model["base_filters"]), reverse=True):
+        model = {**model, "base_filters": width}
+        yield model
+    for axis in ("dec_convs", "enc_convs", "depth"):
+        while model[axis] > 1:
+            model = {**model, axis: model[axis] - 1}
+            yield model
+    yield {**model, "depthwise_head": False}
+
+
 def fit_budget(model: dict, max_params: int | None) -> dict:
-    """Over the parameter budget: narrow the base width to the widest that fits (the
-    other axes stay as suggested), so no trial is spent on a model we would not train."""
+    """Over the parameter budget: shrink the suggestion until it fits, so no trial is
+    spent on a model we would not train (SMALLEST always fits: run.py checks that)."""
     if max_params is None or params_of(UNetConfig(**model)) <= max_params:
         return model
-    for width in sorted(BASE_FILTERS, reverse=True):
-        narrowed = {**model, "base_filters": width}
-        if params_of(UNetConfig(**narrowed)) <= max_params:
-            return narrowed
-    return {**model, "base_filters": BASE_FILTERS[0]}  # the trial will report "skipped"
+    for smaller in shrink_steps(model):
+        if params_of(UNetConfig(**smaller)) <= max_params:
+            return smaller
+    return smaller  # the trial will report "skipped"
 
 
 def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:
     """The define-by-run function for OptunaSearch (bind the last two with
     functools.partial, which pickles with the experiment); `constants` are the fixed train
-    settings. Values returned here override what Optuna suggested, so a narrowed base width
-    shows in the trial's config (Optuna keeps the value it asked for)."""
+    settings. Values returned here override what Optuna suggested, so a shrunk variant shows
+    in the trial's config (Optuna keeps the value it asked for)."""
     model = fit_budget(suggest_model(trial), max_params)
     lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
     batch_size = trial.suggest_categorical("batch_size", (32, 64, 128))

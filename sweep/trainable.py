@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -21,25 +22,26 @@ from sweep.scoring import separation_rows
 from sweep.train import run_trial, split_config
 
 
-def last_good_checkpoint(trial_dir: Path | None) -> dict | None:
-    """Tune's latest checkpoint, or, if that file is damaged, the newest one before it that
-    loads (Tune keeps a few); None means start from scratch. Says what it did."""
+def newest_good_checkpoint() -> dict | None:
+    """The newest checkpoint on disk that loads, or None to start from scratch.
+
+    Newest on disk, not only the one Tune names: after a driver is killed, Tune restores
+    its last experiment snapshot, which may predate this trial's latest checkpoints; a
+    damaged newest file falls back to the one before it (Tune keeps two). Says what it did.
+    """
     latest = tune.get_checkpoint()
     if latest is None:
         return None
-    candidates = [Path(latest.path)]
-    if trial_dir is not None:
-        older = sorted(trial_dir.glob("checkpoint_*"), reverse=True)
-        candidates += [p for p in older if p != candidates[0]]
-    for directory in candidates:
+    trial_dir = Path(latest.path).parent
+    for directory in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
         try:
             state = load_checkpoint(directory / CHECKPOINT_FILE)
         except CheckpointError as e:
-            print(f"[trial] skipping damaged checkpoint: {e}")
+            print(f"[trial] skipping damaged checkpoint: {e}", flush=True)
             continue
-        print(f"[trial] resuming from {directory} (epoch {state['epoch']})")
+        print(f"[trial] resuming from {directory} (epoch {state['epoch']})", flush=True)
         return state
-    print("[trial] no usable checkpoint: starting from scratch")
+    print("[trial] no usable checkpoint: starting from scratch", flush=True)
     return None
 
 
@@ -51,6 +53,8 @@ def tune_trial(config: dict, max_params: int | None = None) -> None:
     params = params_of(model_cfg)
     where = {
         "params": params,
+        "threads": torch.get_num_threads(),
+        "started_at": time.time(),
         "flops_per_sample": flops_of(model_cfg),
         "node": ray.get_runtime_context().get_node_id()[:12],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -63,9 +67,13 @@ def tune_trial(config: dict, max_params: int | None = None) -> None:
 
     fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
     sources = load_sources(fast.device)  # the driver filled and verified the cache
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    resume = last_good_checkpoint(trial_dir)
-    writer = SummaryWriter(str(trial_dir / "images"))
+    resume = newest_good_checkpoint()
+    where["resumed_from_epoch"] = resume["epoch"] if resume else 0
+    if resume and resume["metrics"].get("status") in ("finished", "diverged"):
+        # It ended before the driver died, after Tune's last snapshot: report, never re-run.
+        tune.report({**where, **resume["metrics"], "reported_at": time.time()})
+        return
+    writer = SummaryWriter(str(Path(tune.get_context().get_trial_dir()) / "images"))
     for metrics, state, model in run_trial(model_cfg, cfg, sources, fast, resume):
         rows = separation_rows(model, sources.val, model_cfg.mixture, fast)
         writer.add_image("val/mixture|true1|true2|pred1|pred2", rows, metrics["epoch"],
@@ -73,6 +81,7 @@ def tune_trial(config: dict, max_params: int | None = None) -> None:
         writer.flush()
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
-            tune.report({**where, **metrics}, checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report({**where, **metrics, "reported_at": time.time()},
+                        checkpoint=tune.Checkpoint.from_directory(directory))
     writer.close()
 

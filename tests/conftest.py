@@ -1,0 +1,38 @@
+"""Shared fixtures: one data cache per session, filled once from the real sources.
+
+Every test (and every subprocess a test starts) finds the images through $UNET_SWEEP_CACHE,
+which points at a temporary directory here, never at the user's ~/.cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.mixture import Sources, load_sources
+from data.sources import load_fashion_mnist, load_mnist
+
+torch.set_num_threads(1)  # the test machine is small and shared
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$UNET_SWEEP_CACHE -> a session cache, filled once from the real sources.
+
+    Matplotlib's font cache (evaluate.py draws a PNG) goes to the session too, not ~/.cache.
+    """
+    cache = tmp_path_factory.mktemp("unet-sweep-cache")
+    load_mnist(cache_dir=cache)
+    load_fashion_mnist(cache_dir=cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNET_SWEEP_CACHE", str(cache))
+        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def sources(data_cache: Path) -> Sources:
+    """Both datasets, padded and split, on the CPU (from the session cache)."""
+    return load_sources("cpu", cache_dir=data_cache)

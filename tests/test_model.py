@@ -1,0 +1,171 @@
+"""Tests of model.unet: shapes over the config family, parameter counts, the mixture
+projection, config validation and the FLOP count."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.unet import (
+    PRESETS,
+    ConfigError,
+    UNet,
+    UNetConfig,
+    count_params,
+    params_of,
+    preset,
+    train_flops_per_sample,
+)
+
+REFERENCE_PARAMS = 3_684_214
+
+
+def expected_params(c: UNetConfig) -> int:
+    """The parameter count worked out by hand from the architecture, independently of
+    the module code: conv k*k*in*out (+ out bias, or + 2*out for batch norm's affine)."""
+
+    def conv3(cin: int, cout: int) -> int:
+        return 9 * cin * cout + (2 * cout if c.batch_norm else cout)
+
+    def block(cin: int, cout: int, n: int) -> int:
+        return conv3(cin, cout) + (n - 1) * conv3(cout, cout)
+
+    skips = [c.base_filters * 2**i for i in range(c.depth)]
+    total, cin = 0, 1
+    for width in skips:
+        total += block(cin, width, c.enc_convs)
+        cin = width
+    bottom = c.base_filters * 2**c.depth
+    total += block(cin, bottom, c.enc_convs)
+    cin = bottom
+    for skip in reversed(skips):
+        width = skip * c.decoder_width_mult
+        total += 4 * cin * width + width  # 2x2 transposed conv, with bias
+        total += block(width + skip, width, c.dec_convs)
+        cin = width
+    total += 2 * cin + 2  # 1x1 output conv
+    if c.depthwise_head:
+        total += 2 * 9 + 2  # depthwise 3x3 over the 2 channels
+    return total
+
+
+# Tiny widths throughout: every combination that matters, each forward pass is cheap.
+VARIANTS = [
+    UNetConfig(base_filters=bf, depth=d, enc_convs=e, dec_convs=dc, decoder_width_mult=m,
+               depthwise_head=h, batch_norm=bn, mixture_consistent=mc, mixture=mix)
+    for bf, d, e, dc, m, h, bn, mc, mix in [
+        (2, 1, 1, 1, 1, False, False, False, "mean"),
+        (3, 1, 2, 3, 2, True, True, True, "sum"),
+        (2, 2, 1, 2, 4, True, False, True, "mean"),
+        (4, 2, 2, 1, 1, False, True, False, "sum"),
+        (2, 3, 1, 1, 1, True, True, True, "mean"),
+        (2, 3, 2, 2, 3, False, False, True, "sum"),
+        (1, 3, 3, 1, 2, True, False, False, "mean"),
+        (2, 4, 1, 1, 1, True, True, True, "mean"),  # depth 4: a 2x2 bottleneck
+    ]
+]
+
+
+def variant_id(c: UNetConfig) -> str:
+    return (f"bf{c.base_filters}-d{c.depth}-e{c.enc_convs}-dc{c.dec_convs}-m"
+            f"{c.decoder_width_mult}-{'h' if c.depthwise_head else 'noh'}-"
+            f"{'bn' if c.batch_norm else 'nobn'}-{'mc' if c.mixture_consistent else 'free'}-"
+            f"{c.mixture}")
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=variant_id)
+def test_output_shape_and_param_count(config: UNetConfig) -> None:
+    torch.manual_seed(0)
+    model = UNet(config)
+    x = torch.rand(3, 1, 32, 32)
+    for mode in (model.train, model.eval):
+        mode()
+        y = model(x)
+        assert y.shape == (3, 2, 32, 32) and y.dtype == torch.float32
+        assert torch.isfinite(y).all()
+    assert count_params(model) == params_of(config) == expected_params(config)
+
+
+def test_reference_preset_has_the_published_parameter_count() -> None:
+    config = PRESETS["reference"]
+    assert params_of(config) == REFERENCE_PARAMS
+    assert count_params(UNet(config)) == REFERENCE_PARAMS
+    assert sum(p.numel() for p in UNet(config).parameters()) == REFERENCE_PARAMS
+    assert expected_params(config) == REFERENCE_PARAMS
+
+
+def test_presets_are_ordered_by_size() -> None:
+    sizes = {name: params_of(cfg) for name, cfg in PRESETS.items()}
+    assert sizes["tiny"] < sizes["small"] < sizes["reference"]
+    # "about a tenth of the reference's size"
+    assert 0.05 < sizes["small"] / sizes["reference"] < 0.2
+
+
+@pytest.mark.parametrize("mixture, scale", [("mean", 2.0), ("sum", 1.0)])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_mixture_consistent_outputs_add_up_to_the_mixture(mixture, scale, batch_norm) -> None:
+    torch.manual_seed(1)
+    config = UNetConfig(base_filters=3, depth=2, batch_norm=batch_norm, mixture=mixture)
+    model = UNet(config)
+    x = torch.rand(4, 1, 32, 32) * (1 if mixture == "mean" else 2)
+    for mode in (model.train, model.eval):
+        mode()
+        y = model(x)
+        torch.testing.assert_close(y.sum(dim=1, keepdim=True), scale * x, atol=1e-5, rtol=1e-5)
+    # The same net without the projection does not satisfy it: the check above can fail.
+    free = UNet(dataclasses.replace(config, mixture_consistent=False)).eval()
+    gap = (free(x).sum(dim=1, keepdim=True) - scale * x).abs().max()
+    assert gap > 1e-2
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"depth": -1}, "depth"),
+        ({"depth": 0}, "depth"),
+        ({"depth": 5}, "depth"),
+        ({"base_filters": 0}, "base_filters"),
+        ({"base_filters": 4.0}, "base_filters"),
+        ({"enc_convs": "2"}, "enc_convs"),
+        ({"depth": True}, "depth"),
+        ({"dec_convs": 0}, "dec_convs"),
+        ({"decoder_width_mult": 17}, "decoder_width_mult"),
+        ({"batch_norm": 1}, "batch_norm"),
+        ({"depthwise_head": "yes"}, "depthwise_head"),
+        ({"mixture": "max"}, "mixture"),
+        ({"mixture": "MEAN"}, "mixture"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{field} must"):
+        UNetConfig(**overrides)
+    with pytest.raises(ConfigError, match=rf"^{field} must"):
+        preset("small", **overrides)
+
+
+def test_from_dict_refuses_unknown_keys_and_round_trips() -> None:
+    config = PRESETS["reference"]
+    assert UNetConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"unknown model field\(s\) \['base_filter'\]"):
+        UNetConfig.from_dict({"base_filter": 8})
+    with pytest.raises(ConfigError, match="depth"):
+        UNetConfig.from_dict({**config.to_dict(), "depth": 7})
+
+
+def test_unknown_preset_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+
+
+def test_train_flops_grow_with_the_model() -> None:
+    tiny = train_flops_per_sample(PRESETS["tiny"])
+    narrow = train_flops_per_sample(preset("small", base_filters=8))
+    small = train_flops_per_sample(PRESETS["small"])
+    assert 0 < tiny < narrow < small
+    # A 3x3 conv costs 2*9*in*out FLOPs per output pixel forward; the first one alone
+    # (1 -> base_filters at 32x32) is a floor for the forward pass, and training costs more.
+    first_conv_forward = 2 * 9 * 1 * PRESETS["small"].base_filters * 32 * 32
+    assert small > 2 * first_conv_forward
+    assert isinstance(small, int)

@@ -1,0 +1,226 @@
+"""The sweep for real: a Ray instance, Optuna, tiny trials on real data, a killed driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sweep import report as report_cli
+from sweep import run
+from sweep.report import COLUMNS, build_report, load_trials, pareto_front
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny trials: the smallest corner of the space, a few hundred samples an epoch.
+TINY = ["--samples-per-epoch", "512", "--val-pairs", "100", "--test-pairs", "100",
+        "--max-params", "20000", "--max-epochs", "2"]
+
+
+def sweep_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--storage", str(tmp_path / "runs"), "--report", str(tmp_path / "report.csv"),
+            *TINY, *extra]
+
+
+def results(experiment: Path) -> dict[str, list[dict]]:
+    """Every result line each trial reported, from its result.json, by trial id."""
+    lines = {}
+    for trial_dir in experiment.glob("trial_*"):
+        path = trial_dir / "result.json"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        lines[trial_dir.name.removeprefix("trial_")] = rows
+    return lines
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
+                    key=lambda x: (x[0], x[1]))
+    running = best = 0
+    for _, change in events:
+        running += change
+        best = max(best, running)
+    return best
+
+
+# --- the command line ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--gpus", "-1"], "--gpus"),
+    (["--trials", "0"], "--trials"),
+    (["--trials", "many"], "--trials"),
+    (["--objective", "fastest"], "--objective"),
+    (["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial"),
+    (["--cpus", "1", "--cpus-per-trial", "2"], "--cpus-per-trial"),
+    (["--max-params", "10"], "--max-params"),
+    (["--time-budget", "nan"], "--time-budget"),
+    (["--name", "../elsewhere"], "--name"),
+    (["--address", "auto", "--cpus", "2"], "--address"),
+    (["--gpu", "4"], "--gpu"),
+])
+def test_bad_flags_are_refused_with_one_line(tmp_path, capsys, argv, flag):
+    try:
+        code = run.main(sweep_args(tmp_path) + argv)
+    except SystemExit as e:  # argparse's own refusal: usage line + error line, exit 2
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert flag in err[-1] and "error" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "runs").exists(), "nothing may start on a bad flag"
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def test_pareto_flag_on_a_hand_made_table():
+    params = pd.Series([100, 200, 200, 300, 400, 50, 500])
+    mse = pd.Series([0.5, 0.3, 0.4, 0.3, 0.1, float("nan"), 0.1])
+    # 100/0.5: smallest with a score; 200/0.3 better; 200/0.4 dominated by 200/0.3;
+    # 300/0.3 ties in MSE with fewer params elsewhere; 400/0.1 better; NaN never;
+    # 500/0.1 dominated by 400/0.1.
+    assert pareto_front(params, mse).tolist() == [True, True, False, False, True, False, False]
+
+
+def test_build_report_has_every_column_and_flags_the_front():
+    records = [{"trial_id": "b", "status": "finished", "params": 10, "val_mse": 0.2},
+               {"trial_id": "a", "status": "finished", "params": 20, "val_mse": 0.1},
+               {"trial_id": "c", "status": "error", "params": 30, "val_mse": None}]
+    df = build_report(records)
+    assert list(df.columns) == COLUMNS
+    assert df["trial_id"].tolist() == ["a", "b", "c"]
+    assert df["pareto"].tolist() == [True, True, False]
+
+
+# --- whole sweeps ----------------------------------------------------------------------------
+
+def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
+    assert run.main(sweep_args(tmp_path, "--trials", "4")) == 0
+    out = capsys.readouterr().out
+    assert "best: trial" in out and "evaluate:" in out
+
+    df = pd.read_csv(tmp_path / "report.csv")
+    assert list(df.columns) == COLUMNS
+    assert len(df) == 4
+    assert set(df["status"]) <= {"finished", "stopped early"}
+    assert (df["params"] <= 20000).all()
+    finished = df[df["status"] == "finished"]
+    assert len(finished) >= 1
+    assert finished["test_mse_mean"].notna().all() and (finished["test_pairs"] == 100).all()
+    assert df["pareto"].any()
+    assert all(Path(p).is_file() for p in df["checkpoint"])
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    experiment = tmp_path / "runs" / "sweep"
+    for trial_dir in experiment.glob("trial_*"):  # scalars (Tune) and images (ours)
+        assert list(trial_dir.glob("events.out.tfevents.*"))
+        assert list((trial_dir / "images").glob("events.out.tfevents.*"))
+
+    rebuilt = tmp_path / "rebuilt.csv"
+    assert report_cli.main([str(experiment), "--out", str(rebuilt)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(rebuilt), df)
+
+    # The same command again: everything ended, nothing runs twice.
+    before = results(experiment)
+    assert run.main(sweep_args(tmp_path, "--trials", "4")) == 0
+    assert results(experiment) == before
+
+
+def test_report_cli_refuses_a_directory_that_is_no_experiment(tmp_path, capsys):
+    assert report_cli.main([str(tmp_path)]) == 2
+    assert "not a sweep's experiment directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpus_per_trial, expected", [("1", 4), ("0.5", 8)])
+def test_logical_gpus_bound_concurrency(tmp_path, gpus_per_trial, expected):
+    """4 logical GPUs on this CPU machine: at most 4 one-GPU trials at once (8 at half a
+    GPU), each seeing its own device id; the trials still run on the CPU."""
+    trials = expected
+    argv = sweep_args(tmp_path, "--gpus", "4", "--gpus-per-trial", gpus_per_trial,
+                      "--cpus", "16", "--trials", str(trials), "--max-epochs", "1",
+                      "--samples-per-epoch", "4096", "--test-pairs", "0")
+    assert run.main(argv) == 0
+    trials_run = load_trials(tmp_path / "runs" / "sweep")
+    assert len(trials_run) == trials
+    spans, devices = [], []
+    for t in trials_run:
+        r = t.last_result
+        spans.append((r["started_at"], r["reported_at"]))
+        devices.append(r["cuda_visible_devices"])
+        assert r["threads"] == 1  # one CPU each: no oversubscription
+    assert max_overlap(spans) == expected
+    assert set(devices) <= {"0", "1", "2", "3"}
+    for i, (s1, e1) in enumerate(spans):  # overlapping trials share a device only at 0.5
+        sharing = sum(1 for j, (s2, e2) in enumerate(spans)
+                      if j != i and devices[j] == devices[i] and s2 < e1 and s1 < e2)
+        assert sharing <= (0 if gpus_per_trial == "1" else 1)
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        argv = sweep_args(tmp_path, "--address", cluster.address, "--trials", "4",
+                          "--samples-per-epoch", "2048", "--max-epochs", "1")
+        assert run.main(argv) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    df = pd.read_csv(tmp_path / "report.csv")
+    assert len(df) == 4
+    assert df["node"].nunique() == 2
+
+
+def test_sigkill_of_the_driver_then_the_same_command_resumes(tmp_path):
+    cmd = [sys.executable, str(REPO / "sweep" / "run.py"),
+           *sweep_args(tmp_path, "--trials", "5", "--max-epochs", "3",
+                       "--samples-per-epoch", "3072", "--max-params", "12000")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    experiment = tmp_path / "runs" / "sweep"
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Kill once a trial has finished and another holds a checkpoint that is a few seconds
+    # old (so Tune's 2 s experiment snapshot knows it).
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = results(experiment)
+        finished = [t for t, r in lines.items() if r and r[-1]["status"] == "finished"]
+        running = [t for t, r in lines.items() if r and r[-1]["status"] == "running"
+                   and time.time() - r[-1]["reported_at"] > 3  # the snapshot knows it
+                   and Path(f"/proc/{r[-1]['pid']}").exists()]  # not stopped by ASHA
+        if finished and running:
+            break
+    else:
+        driver.kill()
+        pytest.fail("the sweep never reached the state to kill it in:\n"
+                    + (tmp_path / "driver.log").read_text()[-3000:])
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = results(experiment)
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "resuming the sweep" in rerun.stdout
+    after = results(experiment)
+    df = pd.read_csv(tmp_path / "report.csv")
+    assert len(df) == 5 and set(df["status"]) <= {"finished", "stopped early"}
+
+    for trial in finished:  # kept as it was: no epoch trained again
+        epochs_before = [(r["epoch"], r["val_mse"]) for r in before[trial]]
+        assert sorted(set((r["epoch"], r["val_mse"]) for r in after[trial])) == epochs_before
+    for trial in running:  # continued from its checkpoint, not from scratch
+        resumed = [r for r in after[trial][len(before[trial]):]]
+        assert resumed, f"trial {trial} did not continue"
+        # From the newest checkpoint on disk: at least the last epoch the driver logged
+        # (the worker may have saved one more before the driver died).
+        assert resumed[0]["resumed_from_epoch"] >= before[trial][-1]["epoch"]
+        assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
