@@ -51,7 +51,7 @@ import torch
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.mixture import load_sources, make_batch, random_indices
+from data.mixture import load_sources
 from data.sources import DataError
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep.device import FastPath, choose_fast_path, cpu_flags, pick_device
@@ -155,23 +155,11 @@ def matmul_gflops(device: torch.device, seconds: float) -> float:
 def real_training_step(model_cfg: UNetConfig, batch_size: int, mode: Mode,
                        train_pair: tuple[torch.Tensor, torch.Tensor]
                        ) -> Callable[[], torch.Tensor]:
-    """One step exactly as sweep/train.py's train_epoch takes it (draw indices, build the
-    batch, step, schedule), returned as a closure: train_epoch runs a fixed step count and
-    the bench needs a time budget instead."""
+    """sweep/train.py's own training step (draw pairs, batch, step, schedule)."""
     cfg = TrainConfig(batch_size=batch_size, compile=mode.compile)
     trial = build_trial(model_cfg, cfg, mode.fast)
     trial.model.train()
-    step_fn = make_step_fn(trial, mode.fast, cfg.compile)
-    memory_format = mode.fast.memory_format()
-
-    def step() -> torch.Tensor:
-        idx1, idx2 = random_indices(train_pair, batch_size, trial.batches)
-        x, y = make_batch(train_pair, idx1, idx2, model_cfg.mixture)
-        loss = step_fn(x.contiguous(memory_format=memory_format), y)
-        trial.schedule.step()
-        return loss
-
-    return step
+    return make_step_fn(trial, train_pair, model_cfg, cfg, mode.fast)
 
 
 def warm_up(step: Callable[[], torch.Tensor], steps: int) -> None:

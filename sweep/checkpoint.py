@@ -10,7 +10,8 @@ import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "unet-sweep/1"  # refuse checkpoints that are not ours
-REQUIRED_KEYS = {"format", "model_config", "train_config", "epoch", "model"}
+REQUIRED_KEYS = {"format", "model_config", "train_config", "epoch", "train_seconds", "model",
+                 "optimizer", "schedule", "rng", "metrics"}
 
 
 class CheckpointError(Exception):
@@ -58,3 +59,12 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
     return state
+
+
+def load_weights(model: torch.nn.Module, state: dict) -> None:
+    """Weights into `model`, or a CheckpointError if they belong to another architecture."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit the model: "
+                              f"{str(e).splitlines()[0][:200]}") from e

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from model.unet import ConfigError
+
 
 @dataclass(frozen=True)
 class FastPath:
@@ -27,6 +29,8 @@ def pick_device(requested: str = "auto") -> torch.device:
     # Ray sets CUDA_VISIBLE_DEVICES for logical GPUs too; only real ones count here.
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r}: torch sees no CUDA GPU on this machine")
     return torch.device(requested)
 
 

@@ -22,14 +22,14 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from data.mixture import load_sources
 from data.sources import DataError
 from model.unet import ConfigError, UNet, UNetConfig
-from sweep.checkpoint import CheckpointError, load_checkpoint
+from sweep.checkpoint import CheckpointError, load_checkpoint, load_weights
 from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
 
 
 def model_from_checkpoint(state: dict, device: torch.device) -> UNet:
     model = UNet(UNetConfig.from_dict(state["model_config"])).to(device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state)
     return model.eval()
 
 

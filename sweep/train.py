@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 import sys
 import time
@@ -31,7 +32,13 @@ from data.mixture import Sources, load_sources, make_batch, random_indices
 from data.sources import DataError
 from model.unet import PRESETS, ConfigError, UNet, UNetConfig, count_params, preset
 from model.unet import train_flops_per_sample as flops_of
-from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from sweep.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from sweep.device import FastPath, choose_fast_path, pick_device
 from sweep.scoring import test_score, val_mse
 
@@ -79,7 +86,7 @@ class TrainConfig:
         if self.channels_last not in SWITCHES:
             raise ConfigError(f"channels_last must be one of {SWITCHES}, "
                               f"got {self.channels_last!r}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     @property
@@ -124,7 +131,7 @@ class Trial:
         }
 
     def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.batches.set_state(state["rng"]["batches"])
@@ -154,39 +161,42 @@ def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig) -> Non
         raise ConfigError(f"the checkpoint was trained with another config ({changes})")
 
 
-def train_epoch(trial: Trial, train_pair, model_cfg: UNetConfig, cfg: TrainConfig,
-                fast: FastPath, step_fn, log: Callable[[str], None] | None) -> float:
-    """One epoch of fresh random pairs; returns the mean train loss (NaN if it diverged)."""
-    trial.model.train()
-    loss_sum = torch.zeros((), device=fast.device)
-    last_log = time.perf_counter()
-    for step in range(1, cfg.steps_per_epoch + 1):
+def make_step_fn(trial: Trial, train_pair, model_cfg: UNetConfig, cfg: TrainConfig,
+                 fast: FastPath) -> Callable[[], torch.Tensor]:
+    """One training step as a closure: fresh random pairs, forward, backward, update, LR
+    schedule. Returns the loss (a tensor, so the device need not sync every step)."""
+    model = torch.compile(trial.model) if cfg.compile else trial.model
+
+    def step() -> torch.Tensor:
         idx1, idx2 = random_indices(train_pair, cfg.batch_size, trial.batches)
         x, y = make_batch(train_pair, idx1, idx2, model_cfg.mixture)
-        loss_sum += step_fn(x.contiguous(memory_format=fast.memory_format()), y)
-        trial.schedule.step()
-        if step % 50 == 0 and not torch.isfinite(loss_sum):
-            return math.nan  # stop now; the caller ends the trial with status "diverged"
-        if log and time.perf_counter() - last_log > 30:
-            last_log = time.perf_counter()
-            log(f"  epoch {trial.epoch + 1}: step {step}/{cfg.steps_per_epoch}, "
-                f"loss {loss_sum.item() / step:.3e}")
-    return loss_sum.item() / cfg.steps_per_epoch
-
-
-def make_step_fn(trial: Trial, fast: FastPath, compile_model: bool):
-    model = torch.compile(trial.model) if compile_model else trial.model
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with fast.autocast():
-            pred = model(x)
+            pred = model(x.contiguous(memory_format=fast.memory_format()))
         loss = F.mse_loss(pred.float(), y)
         trial.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trial.optimizer.step()
+        trial.schedule.step()
         return loss.detach()
 
     return step
+
+
+def train_epoch(trial: Trial, cfg: TrainConfig, step: Callable[[], torch.Tensor],
+                log: Callable[[str], None] | None) -> float:
+    """One epoch of steps; returns the mean train loss (NaN if it diverged)."""
+    trial.model.train()
+    loss_sum = torch.zeros((), device=trial.batches.device)
+    last_log = time.perf_counter()
+    for i in range(1, cfg.steps_per_epoch + 1):
+        loss_sum += step()
+        if i % 50 == 0 and not torch.isfinite(loss_sum):
+            return math.nan  # stop now; the caller ends the trial with status "diverged"
+        if log and time.perf_counter() - last_log > 30:
+            last_log = time.perf_counter()
+            log(f"  epoch {trial.epoch + 1}: step {i}/{cfg.steps_per_epoch}, "
+                f"loss {loss_sum.item() / i:.3e}")
+    return loss_sum.item() / cfg.steps_per_epoch
 
 
 def run_trial(
@@ -206,11 +216,11 @@ def run_trial(
     if resume is not None:
         check_resumable(resume, model_cfg, cfg)
         trial.restore(resume)
-    step_fn = make_step_fn(trial, fast, cfg.compile)
+    step = make_step_fn(trial, sources.train, model_cfg, cfg, fast)
     params = count_params(trial.model)
     while trial.epoch < cfg.epochs:
         start = time.perf_counter()
-        train_loss = train_epoch(trial, sources.train, model_cfg, cfg, fast, step_fn, log)
+        train_loss = train_epoch(trial, cfg, step, log)
         seconds = time.perf_counter() - start
         trial.epoch += 1
         trial.train_seconds += seconds
@@ -298,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     set_threads(cfg.threads)
-    fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+    try:
+        fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.summary:
         print(summary(model_cfg, cfg, fast))
         return 0
@@ -312,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
         metrics = resume["metrics"] if resume else {}
+        if metrics.get("status") == "diverged":
+            print(f"{ckpt_path} diverged at epoch {resume['epoch']}; use --fresh to start over")
+            return 1
         if resume:
             print(f"resuming from {ckpt_path} (epoch {resume['epoch']})")
         sources = load_sources(fast.device, args.mnist_dir, args.fashion_dir)

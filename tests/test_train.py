@@ -301,9 +301,6 @@ def test_bad_flag_is_a_usage_error_exit_2(argv, phrase, capsys) -> None:
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
-                   reason="bug: TrainConfig accepts any device string starting with cpu/cuda, "
-                          "and cuda without a GPU; torch then raises with a traceback")
 @pytest.mark.parametrize("device", [
     "cpux",
     pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.is_available(),
@@ -334,8 +331,10 @@ class _Plain:
 
 @pytest.fixture
 def good_state() -> dict:
-    return {"model_config": preset("tiny").to_dict(), "train_config": {}, "epoch": 1,
-            "model": UNet(preset("tiny")).state_dict()}
+    """A real trial's checkpoint, as run_trial yields it (untrained)."""
+    cfg = train.TrainConfig(samples_per_epoch=256)
+    trial = train.build_trial(preset("tiny"), cfg, choose_fast_path(torch.device("cpu")))
+    return trial.state(preset("tiny"), cfg, {"status": "running"})
 
 
 def test_checkpoint_round_trip(good_state: dict, tmp_path: Path) -> None:
