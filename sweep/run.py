@@ -29,6 +29,7 @@ from model.unet import params_of
 from sweep.space import SMALLEST, space
 
 OBJECTIVES = ("mse", "pareto")
+SEARCHES = ("tpe", "random")
 
 
 class UsageError(Exception):
@@ -42,6 +43,8 @@ class SweepConfig:
     report: Path = Path("results/report.csv")
     trials: int = 6
     objective: str = "mse"
+    search: str = "tpe"  # tpe, or random (a baseline)
+    early_stop: bool = True  # ASHA
     gpus: float = 0  # GPUs on this machine (logical ones are fine for testing scheduling)
     gpus_per_trial: float = 1
     cpus: int | None = None  # CPUs Ray may use here; default: all
@@ -87,6 +90,10 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     p.add_argument("--trials", type=number(int), default=d.trials)
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="mse: minimize val MSE; pareto: val MSE against parameter count")
+    p.add_argument("--search", choices=SEARCHES, default=d.search,
+                   help="Optuna sampler: tpe (default) or random, a baseline")
+    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=d.early_stop,
+                   help="ASHA stops weak trials early (default on)")
     p.add_argument("--gpus", type=number(float, allow_zero=True), default=d.gpus)
     p.add_argument("--gpus-per-trial", type=number(float), default=d.gpus_per_trial)
     p.add_argument("--cpus", type=number(int), default=d.cpus)
@@ -224,9 +231,11 @@ def build_tuner(c: SweepConfig, progress):
     define_by_run = functools.partial(space, constants=constants,
                                       max_params=c.max_params or None)
     n_concurrent = concurrency(c)
-    # Few random start-up trials: in parallel they are overrun anyway (ray issue 52535).
-    sampler = optuna.samplers.TPESampler(seed=c.seed,
-                                         n_startup_trials=max(2, min(5, c.trials // 4)))
+    if c.search == "random":  # the baseline the search-efficiency bench compares with
+        sampler = optuna.samplers.RandomSampler(seed=c.seed)
+    else:  # few random start-up trials: in parallel they are overrun anyway (ray #52535)
+        sampler = optuna.samplers.TPESampler(seed=c.seed,
+                                             n_startup_trials=max(2, min(5, c.trials // 4)))
     # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
     # concurrency limit Tune wraps the searcher and would not pass them on.
     if c.objective == "pareto":
@@ -234,8 +243,10 @@ def build_tuner(c: SweepConfig, progress):
                               sampler=sampler)
     else:
         search = OptunaSearch(define_by_run, metric="val_mse", mode="min", sampler=sampler)
-    scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="training_iteration",
-                              max_t=c.max_epochs, grace_period=1, reduction_factor=2)
+    scheduler = None  # FIFO: every trial runs all its epochs
+    if c.early_stop:
+        scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="training_iteration",
+                                  max_t=c.max_epochs, grace_period=1, reduction_factor=2)
     tune_config = tune.TuneConfig(
         search_alg=search, scheduler=scheduler, num_samples=c.trials,
         max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,

@@ -225,6 +225,7 @@ def run_trial(
         trial.epoch += 1
         trial.train_seconds += seconds
         diverged = not math.isfinite(train_loss)
+        eval_start = time.perf_counter()
         metrics = {
             "epoch": trial.epoch,
             "train_loss": train_loss,
@@ -241,6 +242,7 @@ def run_trial(
             metrics["test_mse_mean"], metrics["test_mse_std"] = test_score(
                 trial.model, sources.test, model_cfg.mixture, fast, cfg.test_pairs)
             metrics["test_pairs"] = cfg.test_pairs
+        metrics["eval_seconds"] = time.perf_counter() - eval_start  # this epoch's scoring
         yield metrics, trial.state(model_cfg, cfg, metrics), trial.model
         if diverged:
             return
