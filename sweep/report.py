@@ -101,16 +101,18 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
     ok = df[df["val_mse"].notna()]
     ax.scatter(ok["params"], ok["val_mse"], s=18, c="tab:blue", alpha=0.5, label="trials (val)")
     front = ok[ok["pareto"]].sort_values("params")
-    ax.step(front["params"], front["val_mse"], where="post", c="tab:blue", lw=1.5,
-            label="Pareto front (val)")
+    ax.step(front["params"], front["val_mse"], where="post", c="tab:blue", lw=1.5)
+    ax.scatter(front["params"], front["val_mse"], s=40, facecolors="none",
+               edgecolors="tab:blue", lw=1.5, label="Pareto front (val)")
     tested = df[df["test_mse_mean"].notna()]
     if len(tested):
         ax.scatter(tested["params"], tested["test_mse_mean"], s=22, marker="x", c="tab:green",
                    label="trials (test)")
-    for label, params, mse in PUBLISHED:
-        ax.scatter([params], [mse], marker="*", s=140, c="tab:red", zorder=3)
-        ax.annotate(label, (params, mse), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+    for i, (label, params, mse) in enumerate(PUBLISHED):
+        ax.scatter([params], [mse], marker="*", s=140, c="tab:red", zorder=3,
+                   label="published (test)" if i == 0 else None)
+        ax.annotate(label, (params, mse), textcoords="offset points",
+                    xytext=(-10, -14 if i % 2 == 0 else 8), ha="right", fontsize=8)
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="MSE",
            title="Separation MSE against model size")
     ax.grid(True, which="both", alpha=0.3)
