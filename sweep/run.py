@@ -55,7 +55,7 @@ class SweepConfig:
     val_pairs: int = 1_000
     test_pairs: int = 2_000  # per test set, 10 sets, for finished trials (0: no test score)
     time_budget: float | None = None  # seconds
-    max_params: int | None = 300_000
+    max_params: int | None = 100_000
     seed: int = 0
     fresh: bool = False
 
@@ -250,6 +250,8 @@ def build_tuner(c: SweepConfig, progress):
     tune_config = tune.TuneConfig(
         search_alg=search, scheduler=scheduler, num_samples=c.trials,
         max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,
+        # No actor reuse: a reused worker writes later trials' TensorBoard images to a
+        # directory Tune does not sync (seen with Ray 2.60); a fresh worker costs ~3 s.
         trial_dirname_creator=trial_dirname)
     print(f"new sweep in {c.experiment}: {c.trials} trials, up to {n_concurrent} at once")
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
