@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,20 +22,46 @@ class CheckpointError(Exception):
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename over `path`.
 
-    A crash or a full disk leaves the previous `path` intact and no half-written file.
+    A crash or a full disk leaves the previous `path` intact. The temp file is removed on
+    an error; one left by a killed process (its pid is in the name) goes on the next write.
+    An OSError (disk full, no permission) names the file and says the old one is unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); {kept}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files of `path` whose writer is dead (SIGKILL between write and rename)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -48,6 +75,7 @@ def load_checkpoint(path: Path) -> dict:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    check_crcs(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed global, ...
@@ -59,6 +87,22 @@ def load_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
     return state
+
+
+def check_crcs(path: Path) -> None:
+    """torch.load reads an altered tensor silently (seen with torch 2.13); the zip archive
+    torch.save writes has a CRC-32 per record, so check them all. Files that are no zip are
+    left to torch.load to refuse. CRCs catch damage, not forgery: safety is weights_only."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable or unsafe checkpoint ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path}: unreadable or unsafe checkpoint (record {bad} fails "
+                              "its CRC check: the file was altered or damaged)")
 
 
 def load_weights(model: torch.nn.Module, state: dict) -> None:

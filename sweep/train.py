@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, say: the message names the file and what is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"checkpoint: {ckpt_path}")
     return 1 if metrics.get("status") == "diverged" else 0
 
