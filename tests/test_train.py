@@ -67,7 +67,7 @@ def assert_identical(a, b, where: str = "state") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-TIMING = {"train_seconds", "samples_per_s"}
+TIMING = {"train_seconds", "samples_per_s", "eval_seconds"}
 
 
 def assert_same_training(a: dict, b: dict) -> None:
