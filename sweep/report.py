@@ -41,23 +41,47 @@ def trial_status(tune_status: str, result: dict, error: str) -> str:
     if tune_status == "ERROR":
         return "error"
     if tune_status == "TERMINATED":
-        if ours in ("finished", "diverged", "skipped"):
+        # "error": the trial caught a failure that a retry cannot fix (see trainable.py)
+        if ours in ("finished", "diverged", "skipped", "error"):
             return ours
         return "stopped early"  # ASHA cut it, or the time budget ran out
     return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(
         tune_status, tune_status.lower())
 
 
-def trial_record(trial) -> dict:
-    """One report row from a Ray Tune Trial (live in the driver, or restored from disk)."""
+def error_path(trial) -> Path | None:
+    """Tune's error.txt of a trial, in the experiment directory (Tune writes it in a
+    staging directory under Ray's session first, and copies it at each snapshot)."""
+    name = trial.run_metadata.error_filename
+    if not name:
+        return None
+    stored = Path(trial.path) / name
+    if stored.exists():
+        return stored
+    try:  # not copied yet: the staging copy, while Ray runs
+        staged = Path(trial.error_file)
+    except Exception:  # noqa: BLE001 - Ray is down: there is no staging directory
+        return None
+    return staged if staged.exists() else None
+
+
+def error_line(trial) -> str:
+    """The gist of the trial's last failure: the last line of Tune's error.txt."""
+    path = error_path(trial)
+    lines = path.read_text().strip().splitlines() if path else []
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def trial_record(trial, tune_status: str | None = None) -> dict:
+    """One report row from a Ray Tune Trial (live in the driver, or restored from disk);
+    `tune_status` overrides the trial's own (see write_report)."""
     result = dict(trial.last_result or {})
-    error = ""
-    if trial.status == "ERROR" and trial.error_file and Path(trial.error_file).exists():
-        error = Path(trial.error_file).read_text().strip().splitlines()[-1][:300]
+    tune_status = tune_status or trial.status
+    error = error_line(trial) if tune_status == "ERROR" else ""
     checkpoint = trial.checkpoint.path if trial.checkpoint else ""
     row = {
         "trial_id": trial.trial_id,
-        "status": trial_status(trial.status, result, error),
+        "status": trial_status(tune_status, result, error),
         **{k: trial.config.get(k) for k in AXES},
         **{k: result.get(k) for k in METRICS},
         "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if checkpoint else "",
@@ -124,9 +148,13 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def write_report(trials, csv_path: Path) -> pd.DataFrame:
-    """Rewrite report.csv and pareto.png (beside it) from Tune trials, atomically."""
-    df = build_report([trial_record(t) for t in trials])
+def write_report(trials, csv_path: Path, ending: str | None = None) -> pd.DataFrame:
+    """Rewrite report.csv and pareto.png (beside it) from Tune trials, atomically.
+
+    `ending`: the id of a trial that has ended but that Tune marks TERMINATED only after
+    its on_trial_complete callbacks, which is where the sweep rewrites the report."""
+    df = build_report([trial_record(t, "TERMINATED" if t.trial_id == ending else None)
+                       for t in trials])
     write_csv(df, csv_path)
     if df["val_mse"].notna().any():
         plot_pareto(df, csv_path.with_name("pareto.png"))

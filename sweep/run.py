@@ -11,11 +11,14 @@ stopped; `--fresh` starts over (the old run is moved aside, never deleted).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import functools
+import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,9 +29,11 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
-from sweep.space import SMALLEST, space
+from sweep.checkpoint import atomic_write
+from sweep.space import BATCH_SIZES, SMALLEST, space
 
 OBJECTIVES = ("mse", "pareto")
+MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), from checkpoint
 SEARCHES = ("tpe", "random")
 
 
@@ -64,8 +69,9 @@ class SweepConfig:
         return self.storage.resolve() / self.name
 
 
-def number(kind: type, allow_zero: bool = False):
-    """An argparse type: a finite int/float > 0 (or >= 0), else a one-line error."""
+def number(kind: type, allow_zero: bool = False, most: float = math.inf):
+    """An argparse type: a finite int/float > 0 (or >= 0), at most `most`, else a one-line
+    error."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -74,6 +80,8 @@ def number(kind: type, allow_zero: bool = False):
         if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, "
                                              f"got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {text}")
         return value
     return parse
 
@@ -110,12 +118,15 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                    default=d.max_params,
                    help="shrink suggested variants to at most this many parameters "
                         "(default %(default)s; 0 = no limit)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=number(int, allow_zero=True, most=2**32 - 1), default=d.seed,
+                   help="Optuna's sampler seed, 0 to 2**32-1 (default %(default)s)")
     p.add_argument("--fresh", action="store_true",
                    help="start over; the old experiment is moved aside, not deleted")
     args = p.parse_args(argv)
     config = SweepConfig(**{k: v for k, v in vars(args).items()})
     check(config)
+    if config.address:
+        check_reachable(config.address)
     return config
 
 
@@ -125,6 +136,19 @@ def check(c: SweepConfig) -> None:
         raise UsageError(f"--gpus-per-trial {c.gpus_per_trial} is more than --gpus {c.gpus}")
     if c.cpus is not None and c.cpus_per_trial > c.cpus:
         raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than --cpus {c.cpus}")
+    if not c.address and c.cpus is None and c.cpus_per_trial > (os.cpu_count() or 1):
+        # Ray would accept it and no trial would ever start.
+        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than the "
+                         f"{os.cpu_count()} CPUs of this machine")
+    if not c.address and c.gpus:
+        import torch
+
+        if torch.cuda.is_available() and c.gpus > torch.cuda.device_count():
+            raise UsageError(f"--gpus {c.gpus} is more than the {torch.cuda.device_count()} "
+                             "GPUs of this machine (logical GPUs only where there is none)")
+    if c.samples_per_epoch < max(BATCH_SIZES):
+        raise UsageError(f"--samples-per-epoch {c.samples_per_epoch} is less than the largest "
+                         f"batch size in the space, {max(BATCH_SIZES)}")
     if c.max_params and c.max_params < params_of(SMALLEST):
         raise UsageError(f"--max-params {c.max_params}: no variant fits; the smallest in the "
                          f"space has {params_of(SMALLEST)} parameters")
@@ -133,15 +157,47 @@ def check(c: SweepConfig) -> None:
                          "the cluster's own resources are used")
     if not c.name or "/" in c.name or c.name.startswith("."):
         raise UsageError(f"--name must be a plain directory name, got {c.name!r}")
+    # Found now, not when the first report is written after an hour of training.
+    check_writable("--storage", c.storage, want_dir=True)
+    check_writable("--report", c.report, want_dir=False)
+
+
+def check_writable(flag: str, path: Path, want_dir: bool) -> None:
+    if path.exists() and path.is_dir() != want_dir:
+        raise UsageError(f"{flag} {path} is a {'file' if want_dir else 'directory'}; give a "
+                         f"{'directory' if want_dir else 'file path'}")
+    existing = path.resolve() if want_dir else path.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+
+
+def check_reachable(address: str) -> None:
+    """ray.init waits minutes on a host:port where no Ray listens: knock first."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: expected host:port, auto or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"--address {address}: no Ray cluster answers there "
+                         f"({e.strerror or e}); start one with `ray start --head`") from None
 
 
 # --- the experiment directory ---------------------------------------------------------------
 
 def lock_experiment(experiment: Path):
     """Hold an exclusive lock for this driver's lifetime: a second driver on the same
-    experiment would corrupt it. The OS drops the lock when the process dies, however."""
-    experiment.mkdir(parents=True, exist_ok=True)
-    handle = open(experiment / ".driver.lock", "a+")
+    experiment would corrupt it. The OS drops the lock when the process dies, however.
+    The lock file sits beside the experiment, not in it, so that `--fresh` can move the
+    experiment aside under the lock."""
+    experiment.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(experiment.with_name(f".{experiment.name}.driver.lock"), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -154,6 +210,30 @@ def lock_experiment(experiment: Path):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def save_final_states(experiment: Path, trials) -> None:
+    """Write the driver's final trial states over stale ones in the saved experiment.
+
+    Ray 2.60 does not snapshot a trial whose worker died for the last time: its state
+    stays RUNNING on disk (TuneController._schedule_trial_stop returns before marking the
+    trial when its actor is gone), and report.py or a resume would read it as unfinished.
+    """
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return
+    saved = json.loads(states[-1].read_text())
+    live = {t.trial_id: t for t in trials}
+    changed = False
+    for i, (state, _) in enumerate(saved["trial_data"]):
+        state = json.loads(state)
+        trial = live.get(state["trial_id"])
+        if trial is not None and state["status"] != trial.status:
+            trial.invalidate_json_state()
+            saved["trial_data"][i] = list(trial.get_json_state())
+            changed = True
+    if changed:
+        atomic_write(states[-1], lambda f: f.write(json.dumps(saved).encode()))
 
 
 def move_aside(experiment: Path) -> Path:
@@ -175,9 +255,49 @@ def start_ray(c: SweepConfig) -> None:
         # Logical GPUs on a CPU machine (for testing the scheduling): ray.init refuses when
         # CUDA_VISIBLE_DEVICES lists fewer devices than declared.
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-    ray.init(num_cpus=c.cpus, num_gpus=c.gpus, include_dashboard=False,
-             dashboard_host="127.0.0.1", log_to_driver=False,
-             object_store_memory=200 * 1024**2)
+    with loopback_only():
+        ray.init(num_cpus=c.cpus, num_gpus=c.gpus, include_dashboard=False,
+                 dashboard_host="127.0.0.1", log_to_driver=False,
+                 object_store_memory=200 * 1024**2)
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Ray's processes listen on the node's address: on Linux the machine's network
+    address, on every interface (GCS, raylet, workers, agents; seen with Ray 2.60), unless
+    Ray's cluster mode is off. Off, the node address is 127.0.0.1 and every port listens on
+    loopback only (tests/test_faults.py checks). A cluster is `ray start` + --address.
+    The switch is read when ray is imported, hence the module flag besides the variable
+    the processes Ray spawns read."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+def check_fits(c: SweepConfig) -> None:
+    """One trial's resources must fit on some node, or Tune waits for them forever (a
+    cluster joined with --address; on one machine check() caught it already)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    if c.cpus_per_trial > cpus:
+        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than any node has "
+                         f"({cpus:g} CPUs at most)")
+    if gpus and c.gpus_per_trial > gpus:
+        raise UsageError(f"--gpus-per-trial {c.gpus_per_trial} is more than any node has "
+                         f"({gpus:g} GPUs at most)")
 
 
 def concurrency(c: SweepConfig) -> int:
@@ -192,7 +312,9 @@ def concurrency(c: SweepConfig) -> int:
 
 
 def trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    from sweep.trainable import trial_dir_name  # where trials look for their checkpoints
+
+    return trial_dir_name(trial.trial_id)
 
 
 def build_tuner(c: SweepConfig, progress):
@@ -211,12 +333,13 @@ def build_tuner(c: SweepConfig, progress):
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial if has_gpus else 0}
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, max_params=c.max_params or None), resources)
+        tune.with_parameters(tune_trial, experiment=str(c.experiment),
+                             max_params=c.max_params or None), resources)
     run_config = tune.RunConfig(
         name=c.name,
         storage_path=str(c.storage.resolve()),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=2),  # a killed worker: retried
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),  # a worker died
         callbacks=[progress],
         verbose=0,
     )
@@ -263,7 +386,7 @@ def build_tuner(c: SweepConfig, progress):
 def make_progress(c: SweepConfig):
     from ray import tune
 
-    from sweep.report import write_report
+    from sweep.report import error_line, write_report
 
     class Progress(tune.Callback):
         """Prints a line on each trial's news (at most every 10 s for results) and rewrites
@@ -274,9 +397,9 @@ def make_progress(c: SweepConfig):
             self.started = time.monotonic()
             self.last_print = 0.0
 
-        def line(self, trials, news: str) -> None:
-            done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-            running = sum(t.status == "RUNNING" for t in trials)
+        def line(self, trials, news: str, ending=None) -> None:
+            done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
+            running = sum(t.status == "RUNNING" and t is not ending for t in trials)
             scores = [t.last_result.get("val_mse") for t in trials if t.last_result]
             scores = [s for s in scores if s is not None and math.isfinite(s)]
             best = f"{min(scores):.3e}" if scores else "-"
@@ -291,26 +414,40 @@ def make_progress(c: SweepConfig):
             print(f"[{elapsed / 60:5.1f} min] {len(done)}/{c.trials} done, {running} running, "
                   f"best val_mse {best}, {left} | {news}", flush=True)
 
-        def report(self, trials) -> None:
+        def report(self, trials, ending=None) -> None:
             try:
-                write_report(trials, c.report)
+                write_report(trials, c.report, ending=ending.trial_id if ending else None)
             except OSError as e:  # a full disk must not end the sweep; the old file stays
-                print(f"warning: could not rewrite {c.report}: {e}", flush=True)
+                print(f"warning: {e}; the sweep goes on and tries again when the next "
+                      "trial ends", flush=True)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("resume_note"):  # a retried or resumed trial: say from where
+                self.line(trials, f"{trial.trial_id}: {result['resume_note']}")
             if time.monotonic() - self.last_print > 10:
                 self.last_print = time.monotonic()
                 self.line(trials, f"{trial.trial_id} epoch {result.get('epoch')}: "
                                   f"val_mse {result.get('val_mse', math.nan):.3e}")
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            status = (trial.last_result or {}).get("status", "")
-            status = status if status in ("finished", "diverged", "skipped") else "stopped early"
-            self.line(trials, f"{trial.trial_id} ended ({status})")
-            self.report(trials)
+            result = trial.last_result or {}
+            status = result.get("status", "")
+            if status not in ("finished", "diverged", "skipped", "error"):
+                status = "stopped early"
+            why = f": {result['reason']}" if status == "error" and result.get("reason") else ""
+            # Tune marks the trial TERMINATED after this callback: count it as ended.
+            self.line(trials, f"{trial.trial_id} ended ({status}){why}", ending=trial)
+            self.report(trials, ending=trial)
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            failures = trial.run_metadata.num_failures
+            self.line(trials, f"{trial.trial_id} failed ({error_line(trial)}); retry "
+                              f"{failures} of {MAX_FAILURES} from its newest checkpoint")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self.line(trials, f"{trial.trial_id} failed (see {trial.error_file})")
+            where = Path(trial.path) / (trial.run_metadata.error_filename or "error.txt")
+            self.line(trials, f"{trial.trial_id} failed for good ({error_line(trial)}; "
+                              f"see {where})")
             self.report(trials)
 
     return Progress()
@@ -332,19 +469,30 @@ def sweep(c: SweepConfig) -> int:
     from sweep.report import load_trials, write_report
 
     experiment = c.experiment
+    lock = lock_experiment(experiment)  # first: a second driver must change nothing
     if c.fresh and experiment.exists():
         print(f"--fresh: moved the previous experiment to {move_aside(experiment)}")
-    lock = lock_experiment(experiment)
     fill_data_cache()
     start_ray(c)
     try:
+        check_fits(c)
         tuner = build_tuner(c, make_progress(c))
         print(f"settings: {asdict(c)}")
-        tuner.fit()
-        trials = load_trials(experiment)
+        grid = tuner.fit()
+        # The trials as the driver saw them end; the saved experiment can lag (below).
+        trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+        if trials:
+            save_final_states(experiment, trials)
+        else:
+            trials = load_trials(experiment)
     finally:
         ray.shutdown()
-    df = write_report(trials, c.report)
+    try:
+        df = write_report(trials, c.report)
+    except OSError as e:  # the results are all in the experiment; only the summary failed
+        print(f"error: {e}\n  every trial's results are kept in {experiment}; when there is "
+              f"room: python sweep/report.py {experiment} --out {c.report}", file=sys.stderr)
+        return 1
     unfinished = df["status"].isin(["running", "pending", "paused"]).sum()
     print(df["status"].value_counts().to_string())
     best = df[df["val_mse"].notna()].sort_values("val_mse").head(1)

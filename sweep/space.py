@@ -7,6 +7,7 @@ import optuna
 from model.unet import UNetConfig, params_of
 
 BASE_FILTERS = (8, 12, 16, 24, 32, 48)
+BATCH_SIZES = (32, 64, 128)
 # Every axis at its smallest: no variant of the space has fewer parameters.
 SMALLEST = UNetConfig(base_filters=BASE_FILTERS[0], depth=1, enc_convs=1, dec_convs=1,
                       decoder_width_mult=1, depthwise_head=False)
@@ -58,5 +59,5 @@ def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:
     in the trial's config (Optuna keeps the value it asked for)."""
     model = fit_budget(suggest_model(trial), max_params)
     lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
-    batch_size = trial.suggest_categorical("batch_size", (32, 64, 128))
+    batch_size = trial.suggest_categorical("batch_size", BATCH_SIZES)
     return {**model, "lr": lr, "batch_size": batch_size, **constants}

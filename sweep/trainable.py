@@ -14,7 +14,7 @@ from ray import tune
 from tensorboardX import SummaryWriter
 
 from data.mixture import load_sources
-from model.unet import params_of
+from model.unet import ConfigError, params_of
 from model.unet import train_flops_per_sample as flops_of
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import choose_fast_path, pick_device
@@ -22,33 +22,66 @@ from sweep.scoring import separation_rows
 from sweep.train import run_trial, split_config
 
 
-def newest_good_checkpoint() -> dict | None:
-    """The newest checkpoint on disk that loads, or None to start from scratch.
+def trial_dir_name(trial_id: str) -> str:
+    """A trial's directory in the experiment (run.py names them so for Tune)."""
+    return f"trial_{trial_id}"
 
-    Newest on disk, not only the one Tune names: after a driver is killed, Tune restores
-    its last experiment snapshot, which may predate this trial's latest checkpoints; a
-    damaged newest file falls back to the one before it (Tune keeps two). Says what it did.
+
+def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, str]:
+    """The newest checkpoint on disk that loads (None: start from scratch), and a note of
+    what was done, for the driver to print ("" when the trial starts fresh).
+
+    Newest on disk, not the one Tune names: after a driver is killed, Tune restores its
+    last experiment snapshot, which may predate this trial's latest checkpoints, or know
+    none at all (a trial that ended between two snapshots); a damaged newest file falls
+    back to the one before it (Tune keeps two).
     """
-    latest = tune.get_checkpoint()
-    if latest is None:
-        return None
-    trial_dir = Path(latest.path).parent
+    skipped = []
     for directory in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+        path = directory / CHECKPOINT_FILE
         try:
-            state = load_checkpoint(directory / CHECKPOINT_FILE)
+            state = load_checkpoint(path)
         except CheckpointError as e:
-            print(f"[trial] skipping damaged checkpoint: {e}", flush=True)
+            skipped.append(f"{directory.name} is damaged ({str(e).removeprefix(f'{path}: ')})")
             continue
-        print(f"[trial] resuming from {directory} (epoch {state['epoch']})", flush=True)
-        return state
-    print("[trial] no usable checkpoint: starting from scratch", flush=True)
-    return None
+        return state, "; ".join([*skipped, f"resumed from {directory.name} "
+                                            f"(epoch {state['epoch']})"])
+    if not skipped:  # no checkpoint yet: a fresh start, nothing to say
+        return None, ""
+    return None, "; ".join([*skipped, "no usable checkpoint: started from scratch"])
 
 
-def tune_trial(config: dict, max_params: int | None = None) -> None:
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError; numpy MemoryError."""
+    return isinstance(e, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def tune_trial(config: dict, experiment: str, max_params: int | None = None) -> None:
+    """A trial under Tune. A config that cannot be built or a model that does not fit in
+    memory fails the same way on every attempt: it ends with status "error" and the reason,
+    instead of being retried (Tune retries a dead worker, FailureConfig in run.py)."""
     # Torch threads = the CPUs Ray gave this trial: more would oversubscribe the cores.
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, math.floor(cpus)))
+    try:
+        trial_dir = Path(experiment) / trial_dir_name(tune.get_context().get_trial_id())
+        train_trial(config, trial_dir, max_params)
+    except ConfigError as e:
+        end_with_error(f"config cannot be built: {e}")
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        end_with_error(f"out of memory: {(str(e).strip().splitlines() or [''])[0][:200]}")
+
+
+def end_with_error(reason: str) -> None:
+    print(f"[trial] {reason}", flush=True)
+    tune.report({"status": "error", "reason": reason, "val_mse": math.nan,
+                 "params": math.nan, "pid": os.getpid(), "reported_at": time.time()})
+
+
+def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
     model_cfg, cfg = split_config(config)
     params = params_of(model_cfg)
     where = {
@@ -67,11 +100,14 @@ def tune_trial(config: dict, max_params: int | None = None) -> None:
 
     fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
     sources = load_sources(fast.device)  # the driver filled and verified the cache
-    resume = newest_good_checkpoint()
+    resume, note = newest_good_checkpoint(trial_dir)
     where["resumed_from_epoch"] = resume["epoch"] if resume else 0
+    if note:  # in the first result only: the driver prints it
+        print(f"[trial] {note}", flush=True)
+    first = {"resume_note": note} if note else {}
     if resume and resume["metrics"].get("status") in ("finished", "diverged"):
         # It ended before the driver died, after Tune's last snapshot: report, never re-run.
-        tune.report({**where, **resume["metrics"], "reported_at": time.time()})
+        tune.report({**where, **resume["metrics"], **first, "reported_at": time.time()})
         return
     writer = SummaryWriter(str(Path(tune.get_context().get_trial_dir()) / "images"))
     for metrics, state, model in run_trial(model_cfg, cfg, sources, fast, resume):
@@ -81,7 +117,7 @@ def tune_trial(config: dict, max_params: int | None = None) -> None:
         writer.flush()
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
-            tune.report({**where, **metrics, "reported_at": time.time()},
+            tune.report({**where, **metrics, **first, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(directory))
+        first = {}
     writer.close()
-

@@ -1,0 +1,678 @@
+"""Faults, bad input and load, each done for real: killed drivers and workers, damaged
+checkpoints, trials that raise or diverge, a second driver, a full disk, open ports, and a
+200-trial sweep. README "What survives what" lists what each test shows."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_sweep import REPO, sweep_args
+
+from model.unet import params_of, preset
+from sweep import report as report_cli
+from sweep import run, trainable
+from sweep.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from sweep.device import choose_fast_path
+from sweep.report import COLUMNS, build_report
+from sweep.space import SMALLEST
+from sweep.space import space as real_space
+from sweep.train import TrainConfig, run_trial
+
+RUN_PY = REPO / "sweep" / "run.py"
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def results(experiment: Path) -> dict[str, list[dict]]:
+    """Every result line each trial reported, by trial id; read while the driver appends to
+    them, so a last line still being written is left for the next look."""
+    lines = {}
+    for trial_dir in experiment.glob("trial_*"):
+        path, rows = trial_dir / "result.json", []
+        for text in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError:
+                break
+        lines[trial_dir.name.removeprefix("trial_")] = rows
+    return lines
+
+
+def lines_of(experiment: Path, trial: str) -> list[dict]:
+    return results(experiment).get(trial, [])
+
+
+class Watcher(threading.Thread):
+    """Runs `step` every 0.1 s beside an in-process sweep until it returns True; keeps
+    its exception for the test to raise (an assert in a thread would go unseen)."""
+
+    def __init__(self, step: Callable[[], bool], timeout: float = 240) -> None:
+        super().__init__(daemon=True)
+        self.step, self.deadline = step, time.monotonic() + timeout
+        self.error: BaseException | None = None
+        self.done = False
+
+    def run(self) -> None:
+        try:
+            while time.monotonic() < self.deadline:
+                if self.step():
+                    self.done = True
+                    return
+                time.sleep(0.1)
+            raise TimeoutError("the sweep never reached the state the test waits for")
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            self.error = e
+
+    def check(self) -> None:
+        self.join(timeout=5)
+        if self.error is not None:
+            raise self.error
+        assert self.done
+
+
+class Driver:
+    """`python sweep/run.py ARGV` in its own process, as a user runs it. A thread reads its
+    output and can SIGKILL it the instant a line matches (no polling delay)."""
+
+    def __init__(self, argv: list[str], kill_on: str | None = None) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([sys.executable, "-u", str(RUN_PY), *argv], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self.kill_on = re.compile(kill_on) if kill_on else None
+        self.killed_at: str | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.kill_on and self.killed_at is None and self.kill_on.search(line):
+                self.proc.send_signal(signal.SIGKILL)
+                self.killed_at = line.strip()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 180):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None and self.killed_at is None:
+                pytest.fail(f"the driver ended before {what}:\n{self.output[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"timed out waiting for {what}:\n{self.output[-3000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.reader.join(timeout=10)
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the driver did not end:\n{self.output[-3000:]}")
+        self.reader.join(timeout=10)
+        return code
+
+
+# --- the driver killed at each point -----------------------------------------------------------
+
+def whole_or_absent(report: Path) -> None:
+    """What a SIGKILL may leave: the previous report or none, never a torn one."""
+    if report.exists():
+        assert list(pd.read_csv(report).columns) == COLUMNS
+    png = report.with_name("pareto.png")
+    if png.exists():
+        assert png.read_bytes().endswith(b"IEND\xaeB`\x82")  # a PNG's last chunk
+
+
+def finished_checkpoints(experiment: Path) -> dict[Path, bytes]:
+    """Every checkpoint of a trial that finished, as bytes: a re-run would rewrite it (its
+    train_seconds at least would differ)."""
+    found = {}
+    for path in experiment.glob("trial_*/checkpoint_*/checkpoint.pt"):
+        if load_checkpoint(path)["metrics"]["status"] == "finished":
+            found[path] = path.read_bytes()
+    return found
+
+
+def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_path, capsys):
+    """SIGKILL the driver during start-up, the instant it starts rewriting the report, and
+    after the last trial but before the final report; each time the same command goes on.
+    In the end every trial is in the report once and no epoch was trained twice. While a
+    driver runs, a second one on the same experiment is refused and changes nothing."""
+    experiment, report, trials = tmp_path / "runs" / "sweep", tmp_path / "report.csv", 3
+    argv = sweep_args(tmp_path, "--trials", str(trials), "--max-epochs", "1",
+                      "--test-pairs", "0")
+
+    # 1. Start-up: Ray is up and the Tuner built, no trial started.
+    driver = Driver(argv, kill_on=r"^new sweep in ")
+    driver.wait()
+    assert driver.killed_at, driver.output[-3000:]
+    assert not any(results(experiment).values())
+
+    # 2. A second driver is refused while one runs, with --fresh too, and moves nothing ...
+    driver = Driver(argv, kill_on=r" ended \(")  # printed just before the report is rewritten
+    lock = experiment.with_name(f".{experiment.name}.driver.lock")
+    driver.wait_until(lambda: lock.exists() and lock.read_text() == str(driver.proc.pid),
+                      "the driver's lock")
+    for extra in ([], ["--fresh"]):
+        assert run.main(argv + extra) == 2
+        assert (f"another sweep is running on {experiment} (driver pid {driver.proc.pid})"
+                in capsys.readouterr().err)
+    assert not list(experiment.parent.glob("sweep.old-*"))  # --fresh moved nothing
+    # ... and the driver is killed the instant it starts rewriting the report.
+    driver.wait()
+    assert driver.killed_at, driver.output[-3000:]
+    whole_or_absent(report)
+    kept = finished_checkpoints(experiment)
+
+    # 3. After the last trial has ended (and is in the report), before the final report.
+    def all_in_report() -> bool:
+        try:
+            df = pd.read_csv(report)
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return False
+        return len(df) == trials and (df["status"] == "finished").all()
+
+    driver = Driver(argv)
+    driver.wait_until(all_in_report, "every trial's end in the report")
+    driver.kill()
+    assert "best: trial" not in driver.output, "too late: the final report was written"
+    whole_or_absent(report)
+    kept.update(finished_checkpoints(experiment))
+
+    # 4. The same command ends the sweep.
+    driver = Driver(argv)
+    assert driver.wait() == 0, driver.output[-3000:]
+    assert "resuming the sweep" in driver.output
+    df = pd.read_csv(report)
+    lines = results(experiment)
+    assert len(df) == trials and sorted(df["trial_id"]) == sorted(lines)
+    assert (df["status"] == "finished").all(), df
+    for trial, rows in lines.items():  # each epoch trained once: one train_seconds per epoch
+        runs = {(r["epoch"], r["train_seconds"]) for r in rows}
+        assert len(runs) == 1, f"trial {trial} trained its epoch {len(runs)} times: {rows}"
+    assert kept and all(path.read_bytes() == data for path, data in kept.items())
+    assert not list(tmp_path.glob(".report.csv.*")) + list(tmp_path.glob(".pareto.png.*"))
+
+
+# --- a trial's worker killed; its checkpoints damaged ------------------------------------------
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # flip one byte in the middle: only the zip CRCs can tell
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+
+
+def newest_epoch_on_disk(trial_dir: Path) -> int:
+    """The epoch of the newest checkpoint that loads: where a retry must resume."""
+    epochs = [0]
+    for path in trial_dir.glob("checkpoint_*/checkpoint.pt"):
+        try:
+            epochs.append(load_checkpoint(path)["epoch"])
+        except CheckpointError:
+            pass
+    return max(epochs)
+
+
+def test_killed_worker_is_retried_from_its_newest_good_checkpoint_then_given_up(
+        tmp_path, capsys):
+    """One trial's worker is SIGKILLed mid-epoch three times: the first retry continues from
+    its newest checkpoint; before the second kill its newest checkpoint is truncated, so the
+    second retry falls back to the one before and says so; the third kill is one more than
+    FailureConfig allows, so the trial ends as "error". The other trial finishes."""
+    experiment = tmp_path / "runs" / "sweep"
+    # 4 epochs: each kill comes at least two epochs before the trial could finish.
+    argv = sweep_args(tmp_path, "--trials", "2", "--cpus", "2", "--max-epochs", "4",
+                      "--samples-per-epoch", "2048", "--test-pairs", "0", "--no-early-stop",
+                      "--time-budget", "300")
+    state: dict = {"target": None, "killed": [], "first_lines": [], "expected": []}
+
+    def step() -> bool:
+        if state["target"] is None:  # the first trial to report an epoch
+            firsts = [t for t, rows in results(experiment).items() if rows]
+            if not firsts:
+                return False
+            state["target"] = firsts[0]
+        if len(state["killed"]) == 3:
+            return True
+        trial_dir = experiment / f"trial_{state['target']}"
+        fresh = [r for r in lines_of(experiment, state["target"])
+                 if r["pid"] not in state["killed"]]  # from the attempt now running
+        if not fresh:
+            return False
+        assert fresh[-1]["status"] == "running", f"it ended before the kill: {fresh[-1]}"
+        state["first_lines"].append(fresh[0])
+        if len(state["killed"]) == 1:  # before the second kill: damage the newest
+            newest = sorted(trial_dir.glob("checkpoint_*"))[-1] / "checkpoint.pt"
+            state["damaged_epoch"] = load_checkpoint(newest)["epoch"]
+            damage(newest, "truncate")
+        os.kill(fresh[-1]["pid"], signal.SIGKILL)  # the trial's worker, mid-epoch
+        state["killed"].append(fresh[-1]["pid"])
+        state["expected"].append(newest_epoch_on_disk(trial_dir))  # it is dead: final
+        return False
+
+    watcher = Watcher(step)
+    watcher.start()
+    code = run.main(argv)
+    watcher.check()
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+
+    first, after_one, after_two = state["first_lines"]
+    assert first["resumed_from_epoch"] == 0
+    assert after_one["resumed_from_epoch"] == state["expected"][0] >= 1  # the newest
+    assert after_two["resumed_from_epoch"] == state["expected"][1] == state["damaged_epoch"] - 1
+    target = state["target"]
+    assert f"{target}: resumed from checkpoint_" in out
+    assert re.search(rf"{target}: checkpoint_\d+ is damaged \(unreadable or unsafe "
+                     rf"checkpoint .*\); resumed from checkpoint_\d+ \(epoch "
+                     rf"{state['damaged_epoch'] - 1}\)", out)
+    assert f"{target} failed" in out and "retry 1 of 2" in out and "retry 2 of 2" in out
+    assert f"{target} failed for good" in out
+
+    df = pd.read_csv(tmp_path / "report.csv").set_index("trial_id")
+    assert len(df) == 2
+    assert df.loc[target, "status"] == "error"
+    assert "died" in df.loc[target, "error"].lower(), df.loc[target, "error"]
+    other = df.drop(index=target)
+    assert other["status"].tolist() == ["finished"]
+    # The saved experiment says so too (Ray 2.60 left the trial RUNNING there).
+    rebuilt = tmp_path / "rebuilt.csv"
+    assert report_cli.main([str(experiment), "--out", str(rebuilt)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(rebuilt).set_index("trial_id"), df)
+
+
+def saved_checkpoint(sources, tmp_path: Path, epochs: int = 2) -> list[Path]:
+    """A real trial's checkpoints after each of `epochs` epochs, as Tune lays them out."""
+    cfg = TrainConfig(epochs=epochs, samples_per_epoch=256, val_pairs=100, threads=1)
+    fast = choose_fast_path(torch.device("cpu"))
+    paths = []
+    for epoch, (_, state, _) in enumerate(run_trial(preset("tiny"), cfg, sources, fast)):
+        paths.append(tmp_path / f"checkpoint_{epoch:06d}" / CHECKPOINT_FILE)
+        save_checkpoint(state, paths[-1])
+    return paths
+
+
+def test_an_altered_checkpoint_is_refused(sources, tmp_path):
+    """One flipped byte inside a tensor: torch.load reads it without complaint; the
+    CRC-32 of its zip record does not match, so load_checkpoint refuses it."""
+    path = saved_checkpoint(sources, tmp_path, epochs=1)[0]
+    with zipfile.ZipFile(path) as archive:
+        tensors = [r for r in archive.infolist() if "/data/" in r.filename]
+        record = max(tensors, key=lambda r: r.file_size)  # the largest tensor's bytes
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:
+                                                     record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # why the CRC check is needed
+    with pytest.raises(CheckpointError, match=f"record {record.filename} fails its CRC"):
+        load_checkpoint(path)
+
+
+def test_resume_falls_back_past_damaged_checkpoints_then_starts_from_scratch(sources,
+                                                                             tmp_path):
+    first, second = saved_checkpoint(sources, tmp_path)
+    assert trainable.newest_good_checkpoint(tmp_path)[0]["epoch"] == 2
+    damage(second, "truncate")
+    state, note = trainable.newest_good_checkpoint(tmp_path)
+    assert state["epoch"] == 1
+    assert re.fullmatch(r"checkpoint_000001 is damaged \(unreadable or unsafe checkpoint .+\); "
+                        r"resumed from checkpoint_000000 \(epoch 1\)", note)
+    damage(first, "flip")
+    state, note = trainable.newest_good_checkpoint(tmp_path)
+    assert state is None
+    assert re.fullmatch(r"checkpoint_000001 is damaged \(.+\); checkpoint_000000 is damaged "
+                        r"\(unreadable or unsafe checkpoint .+\); no usable checkpoint: "
+                        r"started from scratch", note)
+    assert trainable.newest_good_checkpoint(tmp_path / "nothing") == (None, "")
+
+
+# --- trials that raise or diverge --------------------------------------------------------------
+
+DIVERGES = {**preset("reference", base_filters=4).to_dict(), "lr": 1.0, "seed": 2,
+            "batch_size": 64, "samples_per_epoch": 256, "epochs": 3}  # test_train: NaN at once
+FAULTS = [
+    ("cannot be built", {"depth": 5}),
+    ("out of memory", {"batch_size": 10**15, "samples_per_epoch": 10**15}),  # > any RAM
+    ("diverges", DIVERGES),
+    ("fine", {**SMALLEST.to_dict(), "lr": 3e-3, "batch_size": 64}),
+]
+
+
+def faulty_space(trial, constants: dict, max_params: int | None) -> dict:
+    """The real search space, with trial N's config overridden by FAULTS[N]."""
+    config = real_space(trial, constants, max_params)
+    return {**config, **SMALLEST.to_dict(), **FAULTS[trial.number % len(FAULTS)][1]}
+
+
+def test_trials_that_raise_or_diverge_end_with_the_reason_and_the_sweep_goes_on(
+        tmp_path, capsys, monkeypatch):
+    """A config the model refuses (depth 5), an allocation larger than any machine's memory
+    (the CPU allocator raises; nothing is touched) and a NaN loss: each ends at once with
+    its status and reason in the report, is not retried, and the last trial finishes."""
+    monkeypatch.setattr(run, "space", faulty_space)
+    argv = sweep_args(tmp_path, "--trials", str(len(FAULTS)), "--max-epochs", "1",
+                      "--max-params", "0", "--test-pairs", "0", "--cpus", "2")
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+
+    df = pd.read_csv(tmp_path / "report.csv")
+    assert len(df) == len(FAULTS)
+    # Trial ids follow Optuna's trial numbers (the order of suggestion).
+    experiment = tmp_path / "runs" / "sweep"
+    by_case = {}
+    for trial_id, rows in results(experiment).items():
+        row = df[df["trial_id"] == trial_id].iloc[0]
+        assert len(rows) == 1, f"trial {trial_id} ran more than once: {rows}"
+        assert not (experiment / f"trial_{trial_id}" / "error.txt").exists()  # no retry
+        by_case[row["status"], str(row["error"])] = rows[0]
+    statuses = sorted(status for status, _ in by_case)
+    assert statuses == ["diverged", "error", "error", "finished"], by_case.keys()
+    errors = sorted(error for status, error in by_case if status == "error")
+    assert errors[0].startswith("config cannot be built: depth must be in [1, 4], got 5")
+    assert errors[1].startswith("out of memory: ") and "can't allocate memory" in errors[1]
+    assert "ended (error): config cannot be built" in out
+    assert "ended (error): out of memory" in out and "ended (diverged)" in out
+
+
+# --- a full disk -------------------------------------------------------------------------------
+
+# Inside a private mount namespace: a 1 MiB tmpfs at $DIR holding the files in $SEED, filled
+# to the last page, so that every write there fails with ENOSPC as on a full disk; then the
+# command; then a copy of what $DIR holds (the ballast aside) in $AFTER.
+FULL_DISK = r"""
+set -e
+mount -t tmpfs -o size=1m tmpfs "$DIR"
+cp -a "$SEED"/. "$DIR"/
+dd if=/dev/zero of="$DIR/.ballast" bs=4k 2>/dev/null || true
+set +e
+"$@"
+code=$?
+rm -f "$DIR/.ballast"
+cp -a "$DIR"/. "$AFTER"/
+exit $code
+"""
+
+
+@functools.cache
+def mount_namespace() -> list[str] | None:
+    """`unshare` arguments that give a private mount namespace where tmpfs can be mounted
+    (as root, or as a user where user namespaces are allowed), or None."""
+    for prefix in (["unshare", "--mount"], ["unshare", "--mount", "--map-root-user"]):
+        probe = [*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || "
+                 "mount -t tmpfs -o size=64k tmpfs /tmp"]
+        try:
+            if subprocess.run(probe, capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+def on_full_disk(command: list[str], directory: Path, seed: Path, after: Path,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    prefix = mount_namespace()
+    if prefix is None:
+        pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
+    for d in (directory, after):
+        d.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIR": str(directory), "SEED": str(seed),
+           "AFTER": str(after)}
+    return subprocess.run([*prefix, "sh", "-c", FULL_DISK, "sh", *command], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_report_on_a_full_disk_keeps_the_previous_one_and_the_sweep_goes_on(tmp_path):
+    """The report's disk is full from the start: every rewrite fails, the previous report
+    stays byte for byte, no temp file is left, each failure is one warning naming the file,
+    every trial still runs; the end says where the results are and how to rebuild the
+    report; report.py does, once there is room."""
+    seed, results_dir, after = tmp_path / "seed", tmp_path / "results", tmp_path / "after"
+    seed.mkdir()
+    old = build_report([{"trial_id": "yesterday", "status": "finished", "params": 1000,
+                         "val_mse": 0.01}])
+    old.to_csv(seed / "report.csv", index=False)
+    argv = sweep_args(tmp_path, "--trials", "2", "--max-epochs", "1", "--test-pairs", "0",
+                      "--report", str(results_dir / "report.csv"))
+    done = on_full_disk([sys.executable, str(RUN_PY), *argv], results_dir, seed, after)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    report = results_dir / "report.csv"
+    warning = (f"warning: [Errno 28] could not write {report} (No space left on device); the "
+               "previous file is unchanged; the sweep goes on")
+    assert out.count(warning) == 2, out[-3000:]  # once per trial's end
+    assert (f"error: [Errno 28] could not write {report} (No space left on device); the "
+            "previous file is unchanged") in done.stderr
+    experiment = tmp_path / "runs" / "sweep"
+    assert f"python sweep/report.py {experiment} --out {report}" in done.stderr
+    assert sorted(p.name for p in after.iterdir()) == ["report.csv"]  # no temp file left
+    assert (after / "report.csv").read_bytes() == (seed / "report.csv").read_bytes()
+
+    rebuilt = tmp_path / "rebuilt.csv"
+    assert report_cli.main([str(experiment), "--out", str(rebuilt)]) == 0
+    df = pd.read_csv(rebuilt)
+    assert len(df) == 2 and (df["status"] == "finished").all()
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, sources):
+    """train.py resumes epoch 1 of 2 on a full disk: saving epoch 2 fails, the error says
+    which file and that the previous checkpoint is unchanged, and it is, byte for byte."""
+    model_cfg = preset("tiny")
+    cfg = TrainConfig(epochs=2, samples_per_epoch=512, val_pairs=100, threads=1)
+    _, state, _ = next(run_trial(model_cfg, cfg, sources, choose_fast_path(torch.device("cpu"))))
+    seed, disk, after = tmp_path / "seed", tmp_path / "disk", tmp_path / "after"
+    save_checkpoint(state, seed / CHECKPOINT_FILE)
+    args = ["--preset", "tiny", "--epochs", "2", "--samples-per-epoch", "512", "--val-pairs",
+            "100", "--threads", "1", "--out", str(disk)]
+    done = on_full_disk([sys.executable, str(REPO / "sweep" / "train.py"), *args], disk, seed,
+                        after)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"resuming from {disk / CHECKPOINT_FILE} (epoch 1)" in done.stdout
+    assert done.stderr.strip().splitlines() == [
+        f"error: [Errno 28] could not write {disk / CHECKPOINT_FILE} (No space left on "
+        "device); the previous file is unchanged"]
+    assert [p.name for p in after.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
+    assert (after / CHECKPOINT_FILE).read_bytes() == (seed / CHECKPOINT_FILE).read_bytes()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free again once closed: nothing listens there
+
+
+# Beyond tests/test_sweep.py's: each one started a sweep that crashed after Ray was up,
+# hung for minutes, or ran for an hour before failing on its report.
+BAD_FLAGS = [
+    (lambda tmp: ["--seed", "-1"], "--seed"),  # TPESampler raised after Ray started
+    (lambda tmp: ["--seed", str(2**32)], "--seed"),
+    (lambda tmp: ["--max-epochs", "1.5"], "--max-epochs"),
+    (lambda tmp: ["--val-pairs", "-3"], "--val-pairs"),
+    (lambda tmp: ["--gpus-per-trial", "0"], "--gpus-per-trial"),
+    (lambda tmp: ["--test-pairs", "some"], "--test-pairs"),
+    (lambda tmp: ["--objective", "pareto", "--search", "grid"], "--search"),
+    # Every trial drawing batch size 128 would have failed.
+    (lambda tmp: ["--samples-per-epoch", "64"], "--samples-per-epoch"),
+    # Ray accepted it and no trial ever started.
+    (lambda tmp: ["--cpus-per-trial", str((os.cpu_count() or 1) + 1)], "--cpus-per-trial"),
+    # Found only when the first report was written.
+    (lambda tmp: ["--report", str(tmp)], "--report"),
+    (lambda tmp: ["--storage", str(tmp / "a-file")], "--storage"),
+    # ray.init waited for minutes.
+    (lambda tmp: ["--address", f"127.0.0.1:{closed_port()}"], "--address"),
+    (lambda tmp: ["--address", "nowhere"], "--address"),
+]
+
+
+@pytest.mark.parametrize("flags, flag", BAD_FLAGS, ids=[f for _, f in BAD_FLAGS])
+def test_more_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, flags, flag):
+    (tmp_path / "a-file").write_text("not a directory")
+    argv = sweep_args(tmp_path) + flags(tmp_path)
+    started = time.monotonic()
+    try:
+        code = run.main(argv)
+    except SystemExit as e:  # argparse's own refusal: usage line + error line, exit 2
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert flag in err[-1] and "error" in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "runs").exists(), "nothing may start on a bad flag"
+    assert time.monotonic() - started < 15
+
+
+def test_more_gpus_than_the_machine_has_is_refused(tmp_path, capsys, monkeypatch):
+    """On a machine with 2 real GPUs (torch's view faked: this one has none), --gpus 4
+    would schedule trials on GPUs that do not exist."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert run.main(sweep_args(tmp_path, "--gpus", "4")) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --gpus 4.0 is more than the 2 GPUs of this machine (logical GPUs only where "
+        "there is none)")
+    assert not (tmp_path / "runs").exists()
+
+
+# --- ports ---------------------------------------------------------------------------------------
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP/UDP socket these processes listen on,
+    from /proc/net (what `ss -ltup` shows)."""
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd) if fd.is_symlink() else ""
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = pid
+        except OSError:
+            continue  # the process ended meanwhile
+    found = []
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] not in owner or (table.startswith("tcp") and fields[3] != "0A"):
+                continue  # 0A: LISTEN
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host order
+            family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+            name = Path(f"/proc/{owner[fields[9]]}/comm").read_text().strip()
+            found.append((socket.inet_ntop(family, raw), int(port, 16), name))
+    return found
+
+
+def test_the_local_ray_listens_on_loopback_only_and_refuses_trials_that_fit_no_node():
+    """Every port of the Ray the sweep starts (GCS, raylet, object manager, agents, the
+    driver's and a worker's own) listens on loopback: nothing is reachable from the
+    network. Without the fix they listened on every interface."""
+    import ray
+
+    run.start_ray(run.SweepConfig(cpus=1))
+    try:
+        ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker, as a trial has
+        ports = listening(descendants(os.getpid()))
+        with pytest.raises(run.UsageError, match=r"--cpus-per-trial 2 is more than any node "
+                                                 r"has \(1 CPUs at most\)"):
+            run.check_fits(run.SweepConfig(cpus_per_trial=2))
+    finally:
+        ray.shutdown()
+    print("listening:", sorted(ports))
+    names = {name for _, _, name in ports}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names)
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert {address for address, _, _ in ports} <= loopback, ports
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(current, peak) resident memory of a process, KiB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+
+
+@pytest.mark.slow
+def test_200_tiny_trials_run_to_the_end_with_bounded_driver_memory(tmp_path):
+    """200 trials of the smallest model, one short epoch each, two at a time on this
+    2-core machine. Prints trials per minute and the driver's peak memory; the driver's
+    memory after the 200th trial is near what it was after the 50th."""
+    trials = 200
+    report = tmp_path / "report.csv"
+    argv = sweep_args(tmp_path, "--trials", str(trials), "--max-epochs", "1",
+                      "--samples-per-epoch", "128", "--val-pairs", "50", "--test-pairs", "0",
+                      "--max-params", str(params_of(SMALLEST)))
+    started = time.monotonic()
+    driver = Driver(argv)
+    at_50 = peak = 0
+    while driver.proc.poll() is None:
+        try:
+            rss, peak = memory_kib(driver.proc.pid)
+        except (OSError, KeyError):
+            break  # it just ended
+        if not at_50 and report.exists() and len(report.read_text().splitlines()) > 50:
+            at_50 = rss
+        time.sleep(1)
+    assert driver.wait(timeout=60) == 0, driver.output[-3000:]
+    minutes = (time.monotonic() - started) / 60
+    df = pd.read_csv(report)
+    print(f"\n{trials} trials in {minutes:.1f} min: {trials / minutes:.1f} trials/min; driver "
+          f"peak RSS {peak / 1024:.0f} MiB (after 50 trials: {at_50 / 1024:.0f} MiB)")
+    assert len(df) == trials and (df["status"] == "finished").all(), df["status"].value_counts()
+    assert df["trial_id"].is_unique
+    assert peak < 2 * 1024**2, "the driver's memory is not bounded"
+    assert at_50 and peak < at_50 * 1.5, "the driver's memory grows with the trials"
