@@ -256,7 +256,9 @@ def start_ray(c: SweepConfig) -> None:
         # CUDA_VISIBLE_DEVICES lists fewer devices than declared.
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     with loopback_only():
-        ray.init(num_cpus=c.cpus, num_gpus=c.gpus, include_dashboard=False,
+        # address="local": a Ray of our own, even where someone ran `ray start --head` on
+        # this machine; without it ray.init joins theirs (and refuses num_cpus there).
+        ray.init(address="local", num_cpus=c.cpus, num_gpus=c.gpus, include_dashboard=False,
                  dashboard_host="127.0.0.1", log_to_driver=False,
                  object_store_memory=200 * 1024**2)
 
