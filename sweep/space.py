@@ -60,4 +60,5 @@ def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:
     model = fit_budget(suggest_model(trial), max_params)
     lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
     batch_size = trial.suggest_categorical("batch_size", BATCH_SIZES)
-    return {**model, "lr": lr, "batch_size": batch_size, **constants}
+    # batch_norm is fixed, but named so that the report shows it beside the searched axes.
+    return {**model, "batch_norm": True, "lr": lr, "batch_size": batch_size, **constants}
