@@ -388,7 +388,7 @@ def build_tuner(c: SweepConfig, progress):
 def make_progress(c: SweepConfig):
     from ray import tune
 
-    from sweep.report import error_line, write_report
+    from sweep.report import error_line, trial_status, write_report
 
     class Progress(tune.Callback):
         """Prints a line on each trial's news (at most every 10 s for results) and rewrites
@@ -433,9 +433,7 @@ def make_progress(c: SweepConfig):
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             result = trial.last_result or {}
-            status = result.get("status", "")
-            if status not in ("finished", "diverged", "skipped", "error"):
-                status = "stopped early"
+            status = trial_status("TERMINATED", result, "")  # Tune sets it after this call
             why = f": {result['reason']}" if status == "error" and result.get("reason") else ""
             # Tune marks the trial TERMINATED after this callback: count it as ended.
             self.line(trials, f"{trial.trial_id} ended ({status}){why}", ending=trial)
