@@ -5,7 +5,6 @@ checkpoints, trials that raise or diverge, a second driver, a full disk, open po
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_sweep import REPO, sweep_args
+from test_sweep import REPO, results, sweep_args
 
 from model.unet import params_of, preset
 from sweep import report as report_cli
@@ -43,21 +42,6 @@ RUN_PY = REPO / "sweep" / "run.py"
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-def results(experiment: Path) -> dict[str, list[dict]]:
-    """Every result line each trial reported, by trial id; read while the driver appends to
-    them, so a last line still being written is left for the next look."""
-    lines = {}
-    for trial_dir in experiment.glob("trial_*"):
-        path, rows = trial_dir / "result.json", []
-        for text in path.read_text().splitlines() if path.exists() else []:
-            try:
-                rows.append(json.loads(text))
-            except json.JSONDecodeError:
-                break
-        lines[trial_dir.name.removeprefix("trial_")] = rows
-    return lines
-
 
 def lines_of(experiment: Path, trial: str) -> list[dict]:
     return results(experiment).get(trial, [])
@@ -254,8 +238,10 @@ def test_killed_worker_is_retried_from_its_newest_good_checkpoint_then_given_up(
     second retry falls back to the one before and says so; the third kill is one more than
     FailureConfig allows, so the trial ends as "error". The other trial finishes."""
     experiment = tmp_path / "runs" / "sweep"
-    # 4 epochs: each kill comes at least two epochs before the trial could finish.
-    argv = sweep_args(tmp_path, "--trials", "2", "--cpus", "2", "--max-epochs", "4",
+    # 10 epochs: the three kills come near epochs 1-4, so the driver may lag behind the
+    # worker by several epochs (it did on a loaded CI machine with 4) before the trial
+    # could finish unkilled.
+    argv = sweep_args(tmp_path, "--trials", "2", "--cpus", "2", "--max-epochs", "10",
                       "--samples-per-epoch", "2048", "--test-pairs", "0", "--no-early-stop",
                       "--time-budget", "300")
     state: dict = {"target": None, "killed": [], "first_lines": [], "expected": []}

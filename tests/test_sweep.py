@@ -29,11 +29,17 @@ def sweep_args(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def results(experiment: Path) -> dict[str, list[dict]]:
-    """Every result line each trial reported, from its result.json, by trial id."""
+    """Every result line each trial reported, from its result.json, by trial id; read while
+    the driver appends to them, so a last line still being written is left for the next
+    look."""
     lines = {}
     for trial_dir in experiment.glob("trial_*"):
-        path = trial_dir / "result.json"
-        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        path, rows = trial_dir / "result.json", []
+        for text in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError:
+                break
         lines[trial_dir.name.removeprefix("trial_")] = rows
     return lines
 
