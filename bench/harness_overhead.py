@@ -30,9 +30,12 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from sweep import run
 
 
-def busy_seconds(experiment: Path) -> tuple[float, float, int]:
-    """(train seconds, eval seconds, trials) summed over every trial's result lines."""
-    train = evaluation = 0.0
+def busy_seconds(experiment: Path) -> tuple[float, float, float, int]:
+    """(train seconds, eval seconds, seconds inside trials, trials) summed over every
+    trial's result lines. Inside a trial = from its start in the worker to its last report;
+    what is not training or scoring in there is the trial's own set-up, checkpoint writes,
+    images and reports."""
+    train = evaluation = inside = 0.0
     trials = 0
     for result_file in experiment.glob("trial_*/result.json"):
         lines = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
@@ -41,7 +44,8 @@ def busy_seconds(experiment: Path) -> tuple[float, float, int]:
         trials += 1
         train += max(r.get("train_seconds", 0.0) for r in lines)  # cumulative per trial
         evaluation += sum(r.get("eval_seconds", 0.0) for r in lines)
-    return train, evaluation, trials
+        inside += lines[-1]["reported_at"] - min(r["started_at"] for r in lines)
+    return train, evaluation, inside, trials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_argv = ["--storage", f"{tmp}/runs", "--report", f"{tmp}/report.csv",
                       "--trials", str(args.trials), "--max-epochs", str(args.max_epochs),
                       "--samples-per-epoch", str(args.samples_per_epoch),
-                      "--max-params", str(args.max_params), "--val-pairs", "1000",
-                      "--test-pairs", "1000"]
+                      "--max-params", str(args.max_params)]  # default scoring sizes
         config = run.parse_args(sweep_argv)
         start = time.perf_counter()
         code = run.sweep(config)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             print(f"the sweep did not finish (exit {code})", file=sys.stderr)
             return 1
-        train, evaluation, trials = busy_seconds(config.experiment)
+        train, evaluation, inside, trials = busy_seconds(config.experiment)
     # The default sweep here: one CPU per trial, as many at once as the machine has cores.
     slots = min(args.trials, math.floor((config.cpus or os.cpu_count()) / config.cpus_per_trial))
     share = 1 - (train + evaluation) / (wall * slots)
@@ -73,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training steps {train:.0f} s, evaluation {evaluation:.0f} s "
           f"(evaluation = {evaluation / (train + evaluation):.1%} of trial compute)")
     harness = wall * slots - train - evaluation
-    print(f"slot time {wall * slots:.0f} s, of which harness {harness:.0f} s")
+    print(f"slot time {wall * slots:.0f} s, of which harness {harness:.0f} s: "
+          f"{inside - train - evaluation:.0f} s inside trials (set-up, checkpoints, images, "
+          f"reports), {wall * slots - inside:.0f} s between them (Ray and worker start, "
+          f"scheduling, slots idle at the end)")
     print(f"eval_share: {evaluation / (train + evaluation):.3f}")
     print(f"overhead_share: {share:.3f}")
     return 0

@@ -22,7 +22,7 @@ def mse_on_pairs(
     idx2: torch.Tensor,
     mixture: str,
     fast: FastPath,
-    batch_size: int = 1000,
+    batch_size: int = 256,  # measured: 1.3-1.5x the forward passes/s of batches of 1,000
 ) -> float:
     """Mean squared error over all pixels of both components, predictions clamped to [0, 1]
     (the true components are in [0, 1], so clamping can only help)."""

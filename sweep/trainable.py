@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -13,7 +14,7 @@ import torch
 from ray import tune
 from tensorboardX import SummaryWriter
 
-from data.mixture import load_sources
+from data.mixture import Sources, load_sources
 from model.unet import ConfigError, params_of
 from model.unet import train_flops_per_sample as flops_of
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
@@ -49,6 +50,14 @@ def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, str]:
     if not skipped:  # no checkpoint yet: a fresh start, nothing to say
         return None, ""
     return None, "; ".join([*skipped, "no usable checkpoint: started from scratch"])
+
+
+@functools.cache
+def sources_on(device: torch.device) -> Sources:
+    """The images, loaded once per worker process: Tune reuses a worker for the next trial
+    (reuse_actors in run.py), which then starts without reading and verifying them again.
+    The driver filled and verified the cache before any trial started."""
+    return load_sources(device)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -99,7 +108,7 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         return
 
     fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
-    sources = load_sources(fast.device)  # the driver filled and verified the cache
+    sources = sources_on(fast.device)
     resume, note = newest_good_checkpoint(trial_dir)
     where["resumed_from_epoch"] = resume["epoch"] if resume else 0
     if note:  # in the first result only: the driver prints it
@@ -109,7 +118,9 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         # It ended before the driver died, after Tune's last snapshot: report, never re-run.
         tune.report({**where, **resume["metrics"], **first, "reported_at": time.time()})
         return
-    writer = SummaryWriter(str(Path(tune.get_context().get_trial_dir()) / "images"))
+    # Straight into the trial's directory in the experiment, beside its checkpoints: a
+    # reused worker's working directory is not always the one Tune syncs for this trial.
+    writer = SummaryWriter(str(trial_dir / "images"))
     for metrics, state, model in run_trial(model_cfg, cfg, sources, fast, resume):
         rows = separation_rows(model, sources.val, model_cfg.mixture, fast)
         writer.add_image("val/mixture|true1|true2|pred1|pred2", rows, metrics["epoch"],

@@ -81,6 +81,16 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, capsys, argv, flag):
     assert not (tmp_path / "runs").exists(), "nothing may start on a bad flag"
 
 
+def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
+    assert run.scoring_pairs(8192, 2) == (512, 100)  # the default sweep
+    assert run.scoring_pairs(512, 1) == (250, 100)  # floors
+    assert run.scoring_pairs(100_000, 60) == (2_000, 20_000)  # the task's own sizes
+    config = run.parse_args(["--samples-per-epoch", "48000", "--max-epochs", "10"])
+    assert (config.val_pairs, config.test_pairs) == (2_000, 1_600)
+    config = run.parse_args(["--val-pairs", "300", "--test-pairs", "0"])  # given: kept
+    assert (config.val_pairs, config.test_pairs) == (300, 0)
+
+
 # --- the report ------------------------------------------------------------------------------
 
 def test_pareto_flag_on_a_hand_made_table():
@@ -125,6 +135,10 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     for trial_dir in experiment.glob("trial_*"):  # scalars (Tune) and images (ours)
         assert list(trial_dir.glob("events.out.tfevents.*"))
         assert list((trial_dir / "images").glob("events.out.tfevents.*"))
+    # 4 trials, 2 at a time: workers went on to later trials (reuse_actors), and each
+    # trial's images still landed in its own directory (checked above).
+    pids = {rows[0]["pid"] for rows in results(experiment).values()}
+    assert len(pids) < 4, pids
 
     rebuilt = tmp_path / "rebuilt.csv"
     assert report_cli.main([str(experiment), "--out", str(rebuilt)]) == 0
