@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a plain checkout
@@ -30,22 +31,46 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from sweep import run
 
 
-def busy_seconds(experiment: Path) -> tuple[float, float, float, int]:
-    """(train seconds, eval seconds, seconds inside trials, trials) summed over every
-    trial's result lines. Inside a trial = from its start in the worker to its last report;
-    what is not training or scoring in there is the trial's own set-up, checkpoint writes,
-    images and reports."""
-    train = evaluation = inside = 0.0
-    trials = 0
+@dataclass
+class TrialTimes:
+    start: float  # time.time() when the trial began in its worker
+    end: float  # its last report
+    train: float  # seconds in training steps
+    evaluation: float  # seconds scoring (val each epoch, test at the end)
+
+
+def trial_times(experiment: Path) -> list[TrialTimes]:
+    """Each trial's span and busy seconds, from its own result lines."""
+    trials = []
     for result_file in experiment.glob("trial_*/result.json"):
         lines = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
-        if not lines:
-            continue
-        trials += 1
-        train += max(r.get("train_seconds", 0.0) for r in lines)  # cumulative per trial
-        evaluation += sum(r.get("eval_seconds", 0.0) for r in lines)
-        inside += lines[-1]["reported_at"] - min(r["started_at"] for r in lines)
-    return train, evaluation, inside, trials
+        if lines:
+            trials.append(TrialTimes(
+                start=min(r["started_at"] for r in lines), end=lines[-1]["reported_at"],
+                train=max(r.get("train_seconds", 0.0) for r in lines),  # cumulative
+                evaluation=sum(r.get("eval_seconds", 0.0) for r in lines)))
+    return trials
+
+
+def idle_slot_seconds(trials: list[TrialTimes], slots: int, t0: float, t1: float
+                      ) -> tuple[float, float, float]:
+    """Slot-seconds with no trial in them over [t0, t1], split into before the first trial
+    began (Ray and the first workers starting), between trials while more were still to
+    start (scheduling, worker reuse or start), and after the last one began (the tail:
+    nothing left to run)."""
+    first, last = min(t.start for t in trials), max(t.start for t in trials)
+    events = sorted([(t.start, 1) for t in trials] + [(t.end, -1) for t in trials]
+                    + [(last, 0), (t1, 0)])
+    between = tail = 0.0
+    running, now = 0, first
+    for when, change in events:  # each interval lies wholly before or after `last`
+        idle = (slots - min(running, slots)) * (when - now)
+        if when <= last:
+            between += idle
+        else:
+            tail += idle
+        running, now = running + change, when
+    return slots * (first - t0), between, tail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,26 +87,32 @@ def main(argv: list[str] | None = None) -> int:
                       "--samples-per-epoch", str(args.samples_per_epoch),
                       "--max-params", str(args.max_params)]  # default scoring sizes
         config = run.parse_args(sweep_argv)
-        start = time.perf_counter()
+        t0 = time.time()
         code = run.sweep(config)
-        wall = time.perf_counter() - start
+        t1 = time.time()
         if code != 0:
             print(f"the sweep did not finish (exit {code})", file=sys.stderr)
             return 1
-        train, evaluation, inside, trials = busy_seconds(config.experiment)
+        trials = trial_times(config.experiment)
     # The default sweep here: one CPU per trial, as many at once as the machine has cores.
     slots = min(args.trials, math.floor((config.cpus or os.cpu_count()) / config.cpus_per_trial))
-    share = 1 - (train + evaluation) / (wall * slots)
-    print(f"\n{trials} trials, {slots} at once, wall {wall:.0f} s")
-    print(f"training steps {train:.0f} s, evaluation {evaluation:.0f} s "
-          f"(evaluation = {evaluation / (train + evaluation):.1%} of trial compute)")
-    harness = wall * slots - train - evaluation
-    print(f"slot time {wall * slots:.0f} s, of which harness {harness:.0f} s: "
-          f"{inside - train - evaluation:.0f} s inside trials (set-up, checkpoints, images, "
-          f"reports), {wall * slots - inside:.0f} s between them (Ray and worker start, "
-          f"scheduling, slots idle at the end)")
+    wall, slot_time = t1 - t0, (t1 - t0) * slots
+    train = sum(t.train for t in trials)
+    evaluation = sum(t.evaluation for t in trials)
+    inside = sum(t.end - t.start for t in trials) - train - evaluation
+    start_up, between, tail = idle_slot_seconds(trials, slots, t0, t1)
+    print(f"\n{len(trials)} trials, {slots} at once, wall {wall:.0f} s, "
+          f"slot time {slot_time:.0f} s:")
+    print(f"  training steps     {train:6.0f} s")
+    print(f"  scoring            {evaluation:6.0f} s  ({evaluation / (train + evaluation):.1%} "
+          f"of trial compute)")
+    print(f"  harness            {slot_time - train - evaluation:6.0f} s:")
+    print(f"    in trials        {inside:6.0f} s  (set-up, checkpoints, images, reports)")
+    print(f"    start-up         {start_up:6.0f} s  (Ray, the first workers)")
+    print(f"    between trials   {between:6.0f} s  (scheduling, worker reuse)")
+    print(f"    tail             {tail:6.0f} s  (slots idle: nothing left to start)")
     print(f"eval_share: {evaluation / (train + evaluation):.3f}")
-    print(f"overhead_share: {share:.3f}")
+    print(f"overhead_share: {1 - (train + evaluation) / slot_time:.3f}")
     return 0
 
 

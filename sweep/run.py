@@ -375,8 +375,11 @@ def build_tuner(c: SweepConfig, progress):
     n_concurrent = concurrency(c)
     if c.search == "random":  # the baseline the search-efficiency bench compares with
         sampler = optuna.samplers.RandomSampler(seed=c.seed)
-    else:  # few random start-up trials: in parallel they are overrun anyway (ray #52535)
-        sampler = optuna.samplers.TPESampler(seed=c.seed,
+    else:
+        # Few random start-up trials: in parallel they are overrun anyway (ray #52535).
+        # multivariate: learning rate, batch size and width interact; constant_liar: trials
+        # still running count as bad guesses, so parallel suggestions spread out.
+        sampler = optuna.samplers.TPESampler(seed=c.seed, multivariate=True, constant_liar=True,
                                              n_startup_trials=max(2, min(5, c.trials // 4)))
     # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
     # concurrency limit Tune wraps the searcher and would not pass them on.
