@@ -9,6 +9,7 @@ experiment state and each trial's results), while a sweep runs or long after it.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
 import sys
@@ -19,7 +20,9 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.unet import ConfigError, UNetConfig, train_flops_per_sample
 from sweep.checkpoint import CHECKPOINT_FILE, atomic_write
+from sweep.train import split_config
 
 # The published points (task notes): (label, params, test MSE).
 REFERENCE = ("reference (customized U-Net)", 3_684_214, 3.6e-4)
@@ -72,6 +75,20 @@ def error_line(trial) -> str:
     return lines[-1].strip()[:300] if lines else ""
 
 
+@functools.cache
+def flops_of(model_cfg: UNetConfig) -> int:
+    """Counted here, once per config, not in the trials: torch's FLOP counter costs ~3 s the
+    first time a process uses it (it imports torch._dynamo), which every worker paid."""
+    return train_flops_per_sample(model_cfg)
+
+
+def config_flops(config: dict) -> int | None:
+    try:
+        return flops_of(split_config(config)[0])
+    except (ConfigError, TypeError, ValueError):  # an unbuildable config: no count
+        return None
+
+
 def trial_record(trial, tune_status: str | None = None) -> dict:
     """One report row from a Ray Tune Trial (live in the driver, or restored from disk);
     `tune_status` overrides the trial's own (see write_report)."""
@@ -89,6 +106,7 @@ def trial_record(trial, tune_status: str | None = None) -> dict:
         "error": error or result.get("reason", ""),
     }
     row["epochs"] = result.get("epoch")
+    row["flops_per_sample"] = config_flops(trial.config)
     return row
 
 
@@ -148,15 +166,17 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def write_report(trials, csv_path: Path, ending: str | None = None) -> pd.DataFrame:
-    """Rewrite report.csv and pareto.png (beside it) from Tune trials, atomically.
+def write_report(trials, csv_path: Path, ending: str | None = None,
+                 plot: bool = True) -> pd.DataFrame:
+    """Rewrite report.csv and (with `plot`) pareto.png beside it from Tune trials,
+    atomically.
 
     `ending`: the id of a trial that has ended but that Tune marks TERMINATED only after
     its on_trial_complete callbacks, which is where the sweep rewrites the report."""
     df = build_report([trial_record(t, "TERMINATED" if t.trial_id == ending else None)
                        for t in trials])
     write_csv(df, csv_path)
-    if df["val_mse"].notna().any():
+    if plot and df["val_mse"].notna().any():
         plot_pareto(df, csv_path.with_name("pareto.png"))
     return df
 

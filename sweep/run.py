@@ -35,6 +35,7 @@ from sweep.space import BATCH_SIZES, SMALLEST, space
 OBJECTIVES = ("mse", "pareto")
 MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), from checkpoint
 SEARCHES = ("tpe", "random")
+PLOT_EVERY_S = 60  # pareto.png is redrawn at most this often while the sweep runs
 
 
 class UsageError(Exception):
@@ -416,7 +417,7 @@ def make_progress(c: SweepConfig):
 
         def setup(self, **info) -> None:
             self.started = time.monotonic()
-            self.last_print = 0.0
+            self.last_print = self.last_plot = 0.0
 
         def line(self, trials, news: str, ending=None) -> None:
             done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
@@ -436,8 +437,14 @@ def make_progress(c: SweepConfig):
                   f"best val_mse {best}, {left} | {news}", flush=True)
 
         def report(self, trials, ending=None) -> None:
+            # The CSV every time; the plot at most once a minute: drawing it takes 0.5-1 s
+            # of the driver's loop, which starts no trial meanwhile. The sweep's end draws it.
+            plot = time.monotonic() - self.last_plot > PLOT_EVERY_S
+            if plot:
+                self.last_plot = time.monotonic()
             try:
-                write_report(trials, c.report, ending=ending.trial_id if ending else None)
+                write_report(trials, c.report, ending=ending.trial_id if ending else None,
+                             plot=plot)
             except OSError as e:  # a full disk must not end the sweep; the old file stays
                 print(f"warning: {e}; the sweep goes on and tries again when the next "
                       "trial ends", flush=True)

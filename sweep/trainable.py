@@ -16,7 +16,6 @@ from tensorboardX import SummaryWriter
 
 from data.mixture import Sources, load_sources
 from model.unet import ConfigError, params_of
-from model.unet import train_flops_per_sample as flops_of
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import separation_rows
@@ -97,7 +96,6 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         "params": params,
         "threads": torch.get_num_threads(),
         "started_at": time.time(),
-        "flops_per_sample": flops_of(model_cfg),
         "node": ray.get_runtime_context().get_node_id()[:12],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "pid": os.getpid(),

@@ -13,9 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from model.unet import train_flops_per_sample
 from sweep import report as report_cli
 from sweep import run
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
+from sweep.train import split_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny trials: the smallest corner of the space, a few hundred samples an epoch.
@@ -115,7 +117,9 @@ def test_build_report_has_every_column_and_flags_the_front():
 # --- whole sweeps ----------------------------------------------------------------------------
 
 def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
-    assert run.main(sweep_args(tmp_path, "--trials", "4")) == 0
+    # The multi-objective search here; the other sweeps in the tests use the default (mse).
+    argv = sweep_args(tmp_path, "--trials", "4", "--objective", "pareto")
+    assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert "best: trial" in out and "evaluate:" in out
 
@@ -139,6 +143,11 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     # trial's images still landed in its own directory (checked above).
     pids = {rows[0]["pid"] for rows in results(experiment).values()}
     assert len(pids) < 4, pids
+    # FLOPs are counted by the report, from each trial's config.
+    configs = {t.trial_id: t.config for t in load_trials(experiment)}
+    for row in df.itertuples():
+        model_cfg = split_config(configs[row.trial_id])[0]
+        assert row.flops_per_sample == train_flops_per_sample(model_cfg) > 0
 
     rebuilt = tmp_path / "rebuilt.csv"
     assert report_cli.main([str(experiment), "--out", str(rebuilt)]) == 0
@@ -146,7 +155,7 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
 
     # The same command again: everything ended, nothing runs twice.
     before = results(experiment)
-    assert run.main(sweep_args(tmp_path, "--trials", "4")) == 0
+    assert run.main(argv) == 0
     assert results(experiment) == before
 
 
