@@ -85,8 +85,15 @@ def tune_trial(config: dict, experiment: str, max_params: int | None = None) -> 
 
 def end_with_error(reason: str) -> None:
     print(f"[trial] {reason}", flush=True)
-    tune.report({"status": "error", "reason": reason, "val_mse": math.nan,
-                 "params": math.nan, "pid": os.getpid(), "reported_at": time.time()})
+    report({"status": "error", "reason": reason, "val_mse": math.nan, "params": math.nan})
+
+
+def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
+    """tune.report, stamped with the worker's pid and the time (the harness bench and the
+    tests read them to tell reused workers and the gaps between trials)."""
+    stamped = {**metrics, "pid": os.getpid(), "reported_at": time.time()}
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    tune.report(stamped, checkpoint=checkpoint)
 
 
 def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
@@ -98,11 +105,10 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         "started_at": time.time(),
         "node": ray.get_runtime_context().get_node_id()[:12],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        "pid": os.getpid(),
     }
     if max_params is not None and params > max_params:
-        tune.report({**where, "status": "skipped", "epoch": 0, "val_mse": math.nan,
-                     "reason": f"{params} params > --max-params {max_params}"})
+        report({**where, "status": "skipped", "epoch": 0, "val_mse": math.nan,
+                "reason": f"{params} params > --max-params {max_params}"})
         return
 
     fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
@@ -114,7 +120,7 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
     first = {"resume_note": note} if note else {}
     if resume and resume["metrics"].get("status") in ("finished", "diverged"):
         # It ended before the driver died, after Tune's last snapshot: report, never re-run.
-        tune.report({**where, **resume["metrics"], **first, "reported_at": time.time()})
+        report({**where, **resume["metrics"], **first})
         return
     # Straight into the trial's directory in the experiment, beside its checkpoints: a
     # reused worker's working directory is not always the one Tune syncs for this trial.
@@ -126,7 +132,6 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         writer.flush()
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
-            tune.report({**where, **metrics, **first, "reported_at": time.time()},
-                        checkpoint=tune.Checkpoint.from_directory(directory))
+            report({**where, **metrics, **first}, checkpoint_dir=directory)
         first = {}
     writer.close()
