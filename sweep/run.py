@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -391,6 +392,9 @@ def build_tuner(c: SweepConfig, progress):
         search = OptunaSearch(define_by_run, metric="val_mse", mode="min", sampler=sampler)
     scheduler = None  # FIFO: every trial runs all its epochs
     if c.early_stop:
+        # A rung whose trials all ended in error or divergence holds only NaN: ASHA's
+        # cutoff (numpy's nanpercentile) then warns, and there is nothing to cut.
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="training_iteration",
                                   max_t=c.max_epochs, grace_period=1, reduction_factor=2)
     tune_config = tune.TuneConfig(
