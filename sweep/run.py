@@ -36,6 +36,7 @@ from sweep.space import BATCH_SIZES, SMALLEST, space
 OBJECTIVES = ("mse", "pareto")
 MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), from checkpoint
 SEARCHES = ("tpe", "random")
+ASHA_FIRST_RUNG_SAMPLES = 4_096  # see first_rung()
 PLOT_EVERY_S = 60  # pareto.png is redrawn at most this often while the sweep runs
 
 
@@ -147,6 +148,15 @@ def scoring_pairs(samples_per_epoch: int, max_epochs: int) -> tuple[int, int]:
     val = min(max(samples_per_epoch // 16, 250), 2_000)
     test = min(max(samples_per_epoch * max_epochs // 300, 100), 20_000)
     return val, test
+
+
+def first_rung(samples_per_epoch: int, max_epochs: int) -> int:
+    """The epoch at which ASHA first compares trials: after ASHA_FIRST_RUNG_SAMPLES, not
+    before. Earlier, learning curves still cross: in a measured sweep of 8 x 2,048-sample
+    trials the trial that ended best was the worst of six after its first epoch (val MSE
+    4.1e-2 against 9e-3 to 2.6e-2), and ASHA stopped it there; after 4,096 samples it
+    ranked second."""
+    return min(max_epochs, math.ceil(ASHA_FIRST_RUNG_SAMPLES / samples_per_epoch))
 
 
 def check(c: SweepConfig) -> None:
@@ -396,7 +406,8 @@ def build_tuner(c: SweepConfig, progress):
         # cutoff (numpy's nanpercentile) then warns, and there is nothing to cut.
         warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="training_iteration",
-                                  max_t=c.max_epochs, grace_period=1, reduction_factor=2)
+                                  max_t=c.max_epochs, reduction_factor=2,
+                                  grace_period=first_rung(c.samples_per_epoch, c.max_epochs))
     tune_config = tune.TuneConfig(
         search_alg=search, scheduler=scheduler, num_samples=c.trials,
         max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,

@@ -93,6 +93,13 @@ def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
     assert (config.val_pairs, config.test_pairs) == (300, 0)
 
 
+def test_asha_first_compares_trials_after_enough_samples():
+    assert run.first_rung(8192, 2) == 1  # the default sweep: one epoch is plenty
+    assert run.first_rung(2048, 8) == 2  # two short epochs, not one
+    assert run.first_rung(1000, 8) == 5  # ceil(4096 / 1000)
+    assert run.first_rung(512, 2) == 2  # never past the last epoch
+
+
 # --- the report ------------------------------------------------------------------------------
 
 def test_pareto_flag_on_a_hand_made_table():
