@@ -1,16 +1,18 @@
 """Does Optuna TPE + ASHA find good models sooner than random search without early stopping?
 
-    python bench/search_efficiency.py [--budget 480] [--seeds 0 1]
+    python bench/search_efficiency.py [--budget 480] [--seeds 0 1] [--variants ours baseline]
 
 Runs two real sweeps one after the other on this machine, each with the same wall-clock
 budget (`--time-budget`) and the same space, trial length and sampler seed, once per seed:
 
-    ours      TPE sampler, ASHA early stopping (the default)
-    baseline  random sampler, every trial runs all its epochs
+    ours      TPE sampler, ASHA early stopping, the first trial the small preset (the default)
+    baseline  random sampler, every trial runs all its epochs, no warm start
+    cold      ours without the warm start (`--variants ours baseline cold`): what TPE and
+              ASHA bring on their own
 
 From each trial's results it traces the best val MSE found so far against the time since
-its sweep started, takes the better of the two final values, and reports when each sweep
-first came within 10% of it. Ends with `time_to_mark_ratio: X` = baseline time / our
+its sweep started, takes the best of the final values, and reports when each sweep first
+came within 10% of it. Ends with `time_to_mark_ratio: X` = baseline time / our
 time (> 1: ours is faster), the geometric mean over the seeds, since one pair of sweeps is
 one draw of a noisy comparison. A sweep that never gets there counts as getting there at
 the end of its budget, so each ratio stays finite and errs against whichever sweep got
@@ -33,7 +35,8 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from sweep import run
 
-VARIANTS = {"ours": [], "baseline": ["--search", "random", "--no-early-stop"]}
+VARIANTS = {"ours": [], "baseline": ["--search", "random", "--no-early-stop", "--no-warm-start"],
+            "cold": ["--no-warm-start"]}
 
 
 def best_so_far(experiment: Path, started: float) -> list[tuple[float, float]]:
@@ -86,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-epoch", type=int, default=2048)
     parser.add_argument("--max-params", type=int, default=100_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                        help="one pair of sweeps per seed (sampler seed)")
+                        help="one set of sweeps per seed (sampler seed)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "baseline"],
+                        help="sweeps to run per seed; ours and baseline are always run")
     args = parser.parse_args(argv)
+    variants = ["ours", "baseline", *(v for v in args.variants if v not in ("ours", "baseline"))]
 
     ratios, lines = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            traces = {name: run_variant(name, extra, args, seed, Path(tmp))
-                      for name, extra in VARIANTS.items()}
+            traces = {name: run_variant(name, VARIANTS[name], args, seed, Path(tmp))
+                      for name in variants}
             mark, finals, times = compare(traces, args.budget)
             ratio = times["baseline"] / times["ours"]
             ratios.append(ratio)
@@ -101,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"  {name:9s} best val_mse {finals[name]:.3e}, within 10% "
                       + (f"after {times[name]:.0f} s" if finals[name] <= mark else
                          f"never (counted as the budget, {args.budget:.0f} s)")
-                      + f", {len(traces[name])} improvements" for name in VARIANTS]
-            lines.append(f"  ratio {ratio:.2f}")
+                      + f", {len(traces[name])} improvements" for name in variants]
+            lines += [f"  ratio baseline / {name}: {times['baseline'] / times[name]:.2f}"
+                      for name in variants if name != "baseline"]
     print(f"\nsame budget: {args.budget:.0f} s per sweep, trials of {args.max_epochs} x "
           f"{args.samples_per_epoch} samples, <= {args.max_params} params")
     print("\n".join(lines))

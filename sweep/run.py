@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
 from sweep.checkpoint import atomic_write
-from sweep.space import BATCH_SIZES, SMALLEST, space
+from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")
 MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), from checkpoint
@@ -53,6 +53,7 @@ class SweepConfig:
     objective: str = "mse"
     search: str = "tpe"  # tpe, or random (a baseline)
     early_stop: bool = True  # ASHA
+    warm_start: bool = True  # the first trial is the `small` preset (space.start_points)
     gpus: float = 0  # GPUs on this machine (logical ones are fine for testing scheduling)
     gpus_per_trial: float = 1
     cpus: int | None = None  # CPUs Ray may use here; default: all
@@ -105,6 +106,10 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                    help="Optuna sampler: tpe (default) or random, a baseline")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=d.early_stop,
                    help="ASHA stops weak trials early (default on)")
+    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction,
+                   default=d.warm_start,
+                   help="the first trial is the small preset fitted to --max-params, "
+                        "then the sampler takes over (default on)")
     p.add_argument("--gpus", type=number(float, allow_zero=True), default=d.gpus)
     p.add_argument("--gpus-per-trial", type=number(float), default=d.gpus_per_trial)
     p.add_argument("--cpus", type=number(int), default=d.cpus)
@@ -395,11 +400,10 @@ def build_tuner(c: SweepConfig, progress):
                                              n_startup_trials=max(2, min(5, c.trials // 4)))
     # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
     # concurrency limit Tune wraps the searcher and would not pass them on.
-    if c.objective == "pareto":
-        search = OptunaSearch(define_by_run, metric=["val_mse", "params"], mode=["min", "min"],
-                              sampler=sampler)
-    else:
-        search = OptunaSearch(define_by_run, metric="val_mse", mode="min", sampler=sampler)
+    objective = (dict(metric=["val_mse", "params"], mode=["min", "min"])
+                 if c.objective == "pareto" else dict(metric="val_mse", mode="min"))
+    search = OptunaSearch(define_by_run, sampler=sampler, **objective,
+                          points_to_evaluate=start_points() if c.warm_start else None)
     scheduler = None  # FIFO: every trial runs all its epochs
     if c.early_stop:
         # A rung whose trials all ended in error or divergence holds only NaN: ASHA's

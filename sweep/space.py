@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from model.unet import UNetConfig, params_of
+from model.unet import PRESETS, UNetConfig, params_of
 
 BASE_FILTERS = (8, 12, 16, 24, 32, 48)
 BATCH_SIZES = (32, 64, 128)
@@ -23,6 +23,18 @@ def suggest_model(trial: optuna.Trial) -> dict:
         "depthwise_head": trial.suggest_categorical("depthwise_head", (True, False)),
         "mixture_consistent": trial.suggest_categorical("mixture_consistent", (True, False)),
     }
+
+
+def start_points() -> list[dict]:
+    """Where the search starts: the `small` preset with the long run's learning rate and
+    batch size (README, "Model quality"), shrunk to the budget like any suggestion. A
+    trial that is known to train well gives TPE something to build on from the first
+    result, instead of only its random start-up guesses. Keys are the suggestion names."""
+    small = PRESETS["small"]
+    model = {name: getattr(small, name) for name in (
+        "base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
+        "depthwise_head", "mixture_consistent")}
+    return [{**model, "lr": 3e-3, "batch_size": 64}]
 
 
 def shrink_steps(model: dict):

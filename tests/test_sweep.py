@@ -10,13 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
-from model.unet import train_flops_per_sample
+from model.unet import PRESETS, params_of, train_flops_per_sample
 from sweep import report as report_cli
 from sweep import run
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
+from sweep.space import space, start_points
 from sweep.train import split_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +102,23 @@ def test_asha_first_compares_trials_after_enough_samples():
     assert run.first_rung(512, 2) == 2  # never past the last epoch
 
 
+def test_the_search_starts_from_the_small_preset_fitted_to_the_budget():
+    point = start_points()[0]
+    study = optuna.create_study()
+    for max_params, fits in ((None, PRESETS["small"]), (20_000, None)):
+        study.enqueue_trial(point)
+        trial = study.ask()
+        config = space(trial, constants={}, max_params=max_params)
+        # The point names exactly what the space asks for, so Optuna suggests nothing else.
+        assert trial.params == point
+        model = split_config(config)[0]
+        assert (config["lr"], config["batch_size"]) == (3e-3, 64)
+        if fits:
+            assert model == fits
+        else:
+            assert params_of(model) <= max_params < params_of(PRESETS["small"])
+
+
 # --- the report ------------------------------------------------------------------------------
 
 def test_pareto_flag_on_a_hand_made_table():
@@ -152,6 +171,8 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     assert len(pids) < 4, pids
     # FLOPs are counted by the report, from each trial's config.
     configs = {t.trial_id: t.config for t in load_trials(experiment)}
+    # The warm start: one trial is the small preset's settings (shrunk to the budget).
+    assert sum(c["lr"] == 3e-3 and c["batch_size"] == 64 for c in configs.values()) >= 1
     for row in df.itertuples():
         model_cfg = split_config(configs[row.trial_id])[0]
         assert row.flops_per_sample == train_flops_per_sample(model_cfg) > 0
