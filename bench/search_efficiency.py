@@ -2,8 +2,8 @@
 
     python bench/search_efficiency.py [--budget 480] [--seeds 0 1] [--variants ours baseline]
 
-Runs two real sweeps one after the other on this machine, each with the same wall-clock
-budget (`--time-budget`) and the same space, trial length and sampler seed, once per seed:
+Runs real sweeps one after the other on this machine, each with the same wall-clock budget
+(`--time-budget`) and the same space, trial length and sampler seed, once per seed:
 
     ours      TPE sampler, ASHA early stopping, the first trial the small preset (the default)
     baseline  random sampler, every trial runs all its epochs, no warm start
