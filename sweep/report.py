@@ -20,7 +20,7 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.unet import ConfigError, UNetConfig, train_flops_per_sample
+from model.unet import ConfigError, UNetConfig, params_of, train_flops_per_sample
 from sweep.checkpoint import CHECKPOINT_FILE, atomic_write
 from sweep.train import split_config
 
@@ -82,11 +82,14 @@ def flops_of(model_cfg: UNetConfig) -> int:
     return train_flops_per_sample(model_cfg)
 
 
-def config_flops(config: dict) -> int | None:
+def config_size(config: dict) -> tuple[int | None, int | None]:
+    """(parameters, training FLOPs per sample) from a trial's config, so that a trial
+    stopped before its first report (by the time budget) still shows its size."""
     try:
-        return flops_of(split_config(config)[0])
+        model = split_config(config)[0]
     except (ConfigError, TypeError, ValueError):  # an unbuildable config: no count
-        return None
+        return None, None
+    return params_of(model), flops_of(model)
 
 
 def trial_record(trial, tune_status: str | None = None) -> dict:
@@ -106,7 +109,7 @@ def trial_record(trial, tune_status: str | None = None) -> dict:
         "error": error or result.get("reason", ""),
     }
     row["epochs"] = result.get("epoch")
-    row["flops_per_sample"] = config_flops(trial.config)
+    row["params"], row["flops_per_sample"] = config_size(trial.config)
     return row
 
 

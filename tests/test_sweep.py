@@ -172,10 +172,11 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     configs = {t.trial_id: t.config for t in load_trials(experiment)}
     # The warm start: one trial has the small preset's settings (shrunk to the budget).
     assert sum(c["lr"] == 3e-3 and c["batch_size"] == 64 for c in configs.values()) >= 1
-    # FLOPs are counted by the report, from each trial's config.
+    # Size and FLOPs are counted by the report, from each trial's config.
     for row in df.itertuples():
         model_cfg = split_config(configs[row.trial_id])[0]
         assert row.flops_per_sample == train_flops_per_sample(model_cfg) > 0
+        assert row.params == params_of(model_cfg)
 
     rebuilt = tmp_path / "rebuilt.csv"
     assert report_cli.main([str(experiment), "--out", str(rebuilt)]) == 0
