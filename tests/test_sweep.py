@@ -280,5 +280,11 @@ def test_sigkill_of_the_driver_then_the_same_command_resumes(tmp_path):
         assert resumed, f"trial {trial} did not continue"
         # From the newest checkpoint on disk: at least the last epoch the driver logged
         # (the worker may have saved one more before the driver died).
-        assert resumed[0]["resumed_from_epoch"] >= before[trial][-1]["epoch"]
-        assert resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+        first = resumed[0]
+        assert first["resumed_from_epoch"] >= before[trial][-1]["epoch"]
+        if first["resumed_from_epoch"] == 3:
+            # Its last epoch was saved after the driver's last look: reported as it ended,
+            # not trained again (seen once in CI).
+            assert first["status"] == "finished" and first["epoch"] == 3
+        else:
+            assert first["epoch"] == first["resumed_from_epoch"] + 1
