@@ -424,3 +424,19 @@ def test_evaluate_refuses_a_foreign_file(tmp_path: Path, capsys) -> None:
     out, err = capsys.readouterr()
     assert out == "" and err == f"error: {path}: not a unet-sweep checkpoint\n"
     assert list(tmp_path.iterdir()) == [path]  # no PNG drawn
+
+
+# --- bench/anneal_forecast.py -----------------------------------------------------------------
+
+
+def test_anneal_forecast_scores_a_copy_and_leaves_the_checkpoint_as_it_was(
+        cli_run: Path) -> None:
+    checkpoint = cli_run / CHECKPOINT_FILE
+    before = checkpoint.read_bytes()
+    result = run_cli(REPO / "bench" / "anneal_forecast.py", str(checkpoint),
+                     "--samples", "1024", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2, val_mse" in result.stdout and "over 16 steps of 64" in result.stdout
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("annealed_val_mse: ")]
+    assert 0.001 < float(line.split()[1]) < 0.1  # trained briefly: far from perfect
+    assert checkpoint.read_bytes() == before  # a forecast must never touch the run
