@@ -6,8 +6,8 @@ Midway through a cosine schedule the val MSE is measured at a high learning rate
 noise hides much of what the model has learned; the schedule's tail removes it. This
 script reads the checkpoint (the file is never written), continues training a copy with
 the same step, its learning rate falling linearly from where the schedule is to 1/100 of
-that over --samples samples, and scores the same val pairs. Probes at two points of a
-run give two points of its annealed learning curve, which extrapolate to its end.
+that over --samples samples, and scores the same val pairs. Probes of a run's past
+checkpoints (kept in git) trace its annealed learning curve, which extrapolates to its end.
 
 Ends with the line `annealed_val_mse: X`.
 """
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model_cfg, cfg = split_config({**state["model_config"], **state["train_config"]})
+    if args.samples < cfg.batch_size:
+        parser.error(f"--samples must be at least the run's batch size, {cfg.batch_size}")
     fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
     sources = load_sources(fast.device)
     trial = build_trial(model_cfg, cfg, fast)
