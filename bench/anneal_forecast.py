@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a plain checkout
@@ -25,10 +25,11 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 import torch
 
 from data.mixture import load_sources
+from data.sources import DataError
 from sweep.checkpoint import CheckpointError, load_checkpoint
 from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import val_mse
-from sweep.train import build_trial, make_step_fn, split_config
+from sweep.train import build_trial, make_step_fn, split_config, train_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,36 +41,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+        model_cfg, cfg = split_config({**state["model_config"], **state["train_config"]})
+        if args.samples < cfg.batch_size:
+            parser.error(f"--samples must be at least the run's batch size, {cfg.batch_size}")
+        fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+        sources = load_sources(fast.device)
+    except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     torch.set_num_threads(args.threads)
-    model_cfg, cfg = split_config({**state["model_config"], **state["train_config"]})
-    if args.samples < cfg.batch_size:
-        parser.error(f"--samples must be at least the run's batch size, {cfg.batch_size}")
-    fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
-    sources = load_sources(fast.device)
     trial = build_trial(model_cfg, cfg, fast)
     trial.restore(state)
     lr = trial.schedule.get_last_lr()[0]
-    steps = max(1, args.samples // cfg.batch_size)
+    # The anneal is one "epoch" of --samples: train_epoch's loop, progress and NaN stop.
+    anneal = replace(cfg, samples_per_epoch=args.samples)
     # LinearLR scales the optimizer's current rate (the restored schedule's), not its peak.
-    trial.schedule = torch.optim.lr_scheduler.LinearLR(trial.optimizer, 1.0, 0.01, steps)
+    trial.schedule = torch.optim.lr_scheduler.LinearLR(
+        trial.optimizer, 1.0, 0.01, anneal.steps_per_epoch)
     step = make_step_fn(trial, sources.train, model_cfg, cfg, fast)
     before = state["metrics"]["val_mse"]
     print(f"{args.checkpoint}: epoch {state['epoch']}, val_mse {before:.3e} at lr {lr:.2e}; "
-          f"lr -> {lr / 100:.2e} over {steps} steps of {cfg.batch_size}")
-
-    trial.model.train()
-    start, losses = time.perf_counter(), []
-    for i in range(1, steps + 1):
-        losses.append(step().item())
-        if i % 100 == 0 or i == steps:
-            print(f"  step {i}/{steps}: train loss {sum(losses) / len(losses):.3e}, "
-                  f"{i * cfg.batch_size / (time.perf_counter() - start):.0f} samples/s",
-                  flush=True)
-            losses = []
+          f"lr -> {lr / 100:.2e} over {anneal.steps_per_epoch} steps of {cfg.batch_size}")
+    train_loss = train_epoch(trial, anneal, step, log=print)
+    print(f"  train loss {train_loss:.3e} while annealing")
     after = val_mse(trial.model, sources.val, model_cfg.mixture, fast, cfg.val_pairs)
     print(f"val_mse on {cfg.val_pairs} pairs: {before:.3e} -> {after:.3e} annealed "
           f"({after / before - 1:+.1%})")
