@@ -86,8 +86,8 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, capsys, argv, flag):
 
 
 def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
-    assert run.scoring_pairs(8192, 2) == (512, 100)  # the default sweep
-    assert run.scoring_pairs(512, 1) == (250, 100)  # floors
+    assert run.scoring_pairs(8192, 2) == (512, 54)  # the default sweep
+    assert run.scoring_pairs(512, 1) == (250, 50)  # floors
     assert run.scoring_pairs(100_000, 60) == (2_000, 20_000)  # the task's own sizes
     config = run.parse_args(["--samples-per-epoch", "48000", "--max-epochs", "10"])
     assert (config.val_pairs, config.test_pairs) == (2_000, 1_600)
