@@ -162,7 +162,9 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
            title="Separation MSE against model size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    # Fixed margins, not tight_layout(): that measured every tick label, 0.47 s of a 1.1 s
+    # draw, while the sweep's driver starts no trial.
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
