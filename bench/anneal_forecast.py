@@ -26,10 +26,11 @@ import torch
 
 from data.mixture import load_sources
 from data.sources import DataError
+from model.unet import ConfigError
 from sweep.checkpoint import CheckpointError, load_checkpoint
 from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import val_mse
-from sweep.train import build_trial, make_step_fn, split_config, train_epoch
+from sweep.train import build_trial, check_resumable, make_step_fn, split_config, train_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples < cfg.batch_size:
             parser.error(f"--samples must be at least the run's batch size, {cfg.batch_size}")
         fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+        check_resumable(state, model_cfg, cfg, fast)
         sources = load_sources(fast.device)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -44,7 +44,8 @@ from sweep.scoring import test_score, val_mse
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
-# Fields that change how fast a trial runs, never what it computes: free to differ on resume.
+# Fields that change how a trial runs, not which run it is: free to differ on resume. The
+# device's kind may not (check_resumable); a precision that differs is said (run_trial).
 RUNTIME_FIELDS = {"threads", "device", "compile", "test_pairs", "precision", "channels_last"}
 
 
@@ -117,10 +118,13 @@ class Trial:
     epoch: int = 0
     train_seconds: float = 0.0
 
-    def state(self, model_cfg: UNetConfig, cfg: TrainConfig, metrics: dict) -> dict:
+    def state(self, model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath,
+              metrics: dict) -> dict:
         return {
             "model_config": model_cfg.to_dict(),
             "train_config": asdict(cfg),
+            # What "auto" resolved to: where the random pairs come from, which arithmetic.
+            "fast_path": {"device": fast.device.type, "bf16": fast.bf16},
             "epoch": self.epoch,
             "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
@@ -150,15 +154,32 @@ def build_trial(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> Tria
     return Trial(model, optimizer, schedule, batches)
 
 
-def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig) -> None:
-    """Refuse to continue a checkpoint under a different config: the result would be
-    neither run."""
+def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
+                    fast: FastPath) -> None:
+    """Refuse to continue a checkpoint under a different config, or on another kind of
+    device: the result would be neither run (and the random stream of pairs, a generator
+    on the device, cannot move between kinds)."""
     saved = {**state["model_config"], **state["train_config"]}
     wanted = {**model_cfg.to_dict(), **asdict(cfg)}
     differ = [k for k in wanted if k not in RUNTIME_FIELDS and saved.get(k) != wanted[k]]
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in differ)
         raise ConfigError(f"the checkpoint was trained with another config ({changes})")
+    trained_on = state.get("fast_path", {}).get("device", "cpu")  # older ones: CPU only
+    if trained_on != fast.device.type:
+        raise ConfigError(f"the checkpoint was trained on {trained_on}, this run would use "
+                          f"{fast.device.type}; continue it with --device {trained_on}")
+
+
+def precision_note(state: dict, fast: FastPath) -> str:
+    """A resumed run whose arithmetic changes (a machine with native bf16, or without):
+    allowed, since bf16 autocast matches fp32 within noise, but said. "" if unchanged."""
+    trained_bf16 = state.get("fast_path", {}).get("bf16", False)
+    if trained_bf16 == fast.bf16:
+        return ""
+    names = {True: "bf16 autocast", False: "fp32"}
+    return (f"note: the checkpoint trained in {names[trained_bf16]}, this run continues in "
+            f"{names[fast.bf16]}; --precision {'bf16' if trained_bf16 else 'fp32'} keeps it")
 
 
 def make_step_fn(trial: Trial, train_pair, model_cfg: UNetConfig, cfg: TrainConfig,
@@ -214,7 +235,7 @@ def run_trial(
     the loss turned NaN/inf (the generator then stops)."""
     trial = build_trial(model_cfg, cfg, fast)
     if resume is not None:
-        check_resumable(resume, model_cfg, cfg)
+        check_resumable(resume, model_cfg, cfg, fast)
         trial.restore(resume)
     step = make_step_fn(trial, sources.train, model_cfg, cfg, fast)
     params = count_params(trial.model)
@@ -243,7 +264,7 @@ def run_trial(
                 trial.model, sources.test, model_cfg.mixture, fast, cfg.test_pairs)
             metrics["test_pairs"] = cfg.test_pairs
         metrics["eval_seconds"] = time.perf_counter() - eval_start  # this epoch's scoring
-        yield metrics, trial.state(model_cfg, cfg, metrics), trial.model
+        yield metrics, trial.state(model_cfg, cfg, fast, metrics), trial.model
         if diverged:
             return
 
@@ -333,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if resume:
             print(f"resuming from {ckpt_path} (epoch {resume['epoch']})")
+            if note := precision_note(resume, fast):
+                print(note)
         sources = load_sources(fast.device, args.mnist_dir, args.fashion_dir)
         print(f"params: {count_params(UNet(model_cfg))}, device {fast.device}, "
               f"bf16={fast.bf16}, channels_last={fast.channels_last}, "

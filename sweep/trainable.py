@@ -19,7 +19,7 @@ from model.unet import ConfigError, params_of
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import separation_rows
-from sweep.train import run_trial, split_config
+from sweep.train import precision_note, run_trial, split_config
 
 
 def trial_dir_name(trial_id: str) -> str:
@@ -114,6 +114,8 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
     fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
     sources = sources_on(fast.device)
     resume, note = newest_good_checkpoint(trial_dir)
+    if resume and (changed := precision_note(resume, fast)):
+        note = f"{note}; {changed}"
     where["resumed_from_epoch"] = resume["epoch"] if resume else 0
     if note:  # in the first result only: the driver prints it
         print(f"[trial] {note}", flush=True)

@@ -206,10 +206,10 @@ def test_resume_under_another_config_is_refused(sources: Sources, fast) -> None:
     model_cfg = preset("tiny")
     cfg = TrainConfig(epochs=2, samples_per_epoch=128, val_pairs=50, threads=1)
     _, state, _ = next(run_trial(model_cfg, cfg, sources, fast))
-    check_resumable(state, model_cfg, cfg)  # its own config: fine
-    # Fields that only change speed may differ.
+    check_resumable(state, model_cfg, cfg, fast)  # its own config: fine
+    # Fields that only change how it runs may differ.
     check_resumable(state, model_cfg, replace(cfg, threads=2, test_pairs=10, precision="fp32",
-                                              channels_last="off", device="cpu"))
+                                              channels_last="off", device="cpu"), fast)
     cases = [
         (replace(model_cfg, base_filters=5), cfg, "base_filters: 4 -> 5"),
         (replace(model_cfg, mixture="sum"), cfg, "mixture: 'mean' -> 'sum'"),
@@ -233,6 +233,38 @@ def test_cli_resume_under_another_config_exits_2(cli_run: Path, tmp_path: Path, 
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "base_filters: 4 -> 8" in err
     assert (out / CHECKPOINT_FILE).read_bytes() == before
+
+
+def copy_with_fast_path(cli_run: Path, out: Path, **fast_path) -> bytes:
+    """The finished CLI run, copied, its checkpoint saying it ran with `fast_path`."""
+    state = load_checkpoint(cli_run)
+    state["fast_path"] = {**state["fast_path"], **fast_path}
+    save_checkpoint(state, out / CHECKPOINT_FILE)
+    return (out / CHECKPOINT_FILE).read_bytes()
+
+
+def test_cli_resume_on_another_kind_of_device_exits_2(cli_run: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    # Its random pairs come from a generator on the device: a CPU state does not load
+    # into a CUDA generator (a RuntimeError deep in torch before this check).
+    out = tmp_path / "run"
+    before = copy_with_fast_path(cli_run, out, device="cuda")
+    code = train.main([*CLI_ARGS, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "error: the checkpoint was trained on cuda, this run would use cpu; continue it " \
+           "with --device cuda" in err
+    assert (out / CHECKPOINT_FILE).read_bytes() == before
+
+
+def test_cli_resume_in_another_precision_says_so(cli_run: Path, tmp_path: Path, fast,
+                                                 capsys) -> None:
+    out = tmp_path / "run"
+    copy_with_fast_path(cli_run, out, bf16=not fast.bf16)
+    assert train.main([*CLI_ARGS, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    trained, now = ("bf16 autocast", "fp32") if not fast.bf16 else ("fp32", "bf16 autocast")
+    assert f"note: the checkpoint trained in {trained}, this run continues in {now}" in stdout
 
 
 # --- divergence -------------------------------------------------------------------------------
@@ -333,8 +365,9 @@ class _Plain:
 def good_state() -> dict:
     """A real trial's checkpoint, as run_trial yields it (untrained)."""
     cfg = train.TrainConfig(samples_per_epoch=256)
-    trial = train.build_trial(preset("tiny"), cfg, choose_fast_path(torch.device("cpu")))
-    return trial.state(preset("tiny"), cfg, {"status": "running"})
+    fast = choose_fast_path(torch.device("cpu"))
+    trial = train.build_trial(preset("tiny"), cfg, fast)
+    return trial.state(preset("tiny"), cfg, fast, {"status": "running"})
 
 
 def test_checkpoint_round_trip(good_state: dict, tmp_path: Path) -> None:
