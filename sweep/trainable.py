@@ -28,27 +28,30 @@ def trial_dir_name(trial_id: str) -> str:
 
 
 def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, str]:
-    """The newest checkpoint on disk that loads (None: start from scratch), and a note of
-    what was done, for the driver to print ("" when the trial starts fresh).
+    """The checkpoint on disk with the latest epoch that loads (None: start from scratch),
+    and a note of what was done, for the driver to print ("" when the trial starts fresh).
 
-    Newest on disk, not the one Tune names: after a driver is killed, Tune restores its
-    last experiment snapshot, which may predate this trial's latest checkpoints, or know
-    none at all (a trial that ended between two snapshots); a damaged newest file falls
-    back to the one before it (Tune keeps two).
+    From disk, not the one Tune names: after a driver is killed, Tune restores its last
+    experiment snapshot, which may predate this trial's latest checkpoints, or know none
+    at all (a trial that ended between two snapshots). By epoch, not by directory name:
+    Tune, restored from such a snapshot, numbers the next checkpoints from its own count
+    and may write a later epoch into a lower-numbered directory. A damaged file falls back
+    to the one before it (Tune keeps two).
     """
-    skipped = []
+    good, damaged = [], []
     for directory in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
         path = directory / CHECKPOINT_FILE
         try:
-            state = load_checkpoint(path)
+            good.append((load_checkpoint(path), directory.name))
         except CheckpointError as e:
-            skipped.append(f"{directory.name} is damaged ({str(e).removeprefix(f'{path}: ')})")
-            continue
-        return state, "; ".join([*skipped, f"resumed from {directory.name} "
-                                            f"(epoch {state['epoch']})"])
-    if not skipped:  # no checkpoint yet: a fresh start, nothing to say
+            damaged.append(f"{directory.name} is damaged "
+                           f"({str(e).removeprefix(f'{path}: ')})")
+    if good:
+        state, name = max(good, key=lambda pair: pair[0]["epoch"])
+        return state, "; ".join([*damaged, f"resumed from {name} (epoch {state['epoch']})"])
+    if not damaged:  # no checkpoint yet: a fresh start, nothing to say
         return None, ""
-    return None, "; ".join([*skipped, "no usable checkpoint: started from scratch"])
+    return None, "; ".join([*damaged, "no usable checkpoint: started from scratch"])
 
 
 @functools.cache
@@ -126,14 +129,15 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         return
     # Straight into the trial's directory in the experiment, beside its checkpoints: a
     # reused worker's working directory is not always the one Tune syncs for this trial.
-    writer = SummaryWriter(str(trial_dir / "images"))
-    for metrics, state, model in run_trial(model_cfg, cfg, sources, fast, resume):
-        rows = separation_rows(model, sources.val, model_cfg.mixture, fast)
-        writer.add_image("val/mixture|true1|true2|pred1|pred2", rows, metrics["epoch"],
-                         dataformats="HW")
-        writer.flush()
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
-            report({**where, **metrics, **first}, checkpoint_dir=directory)
-        first = {}
-    writer.close()
+    # Closed however the trial ends: Tune stops one (ASHA, the time budget) by raising
+    # SystemExit in tune.report, and the reused worker would keep its writer's thread.
+    with SummaryWriter(str(trial_dir / "images")) as writer:
+        for metrics, state, model in run_trial(model_cfg, cfg, sources, fast, resume):
+            rows = separation_rows(model, sources.val, model_cfg.mixture, fast)
+            writer.add_image("val/mixture|true1|true2|pred1|pred2", rows, metrics["epoch"],
+                             dataformats="HW")
+            writer.flush()
+            with tempfile.TemporaryDirectory() as directory:
+                save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
+                report({**where, **metrics, **first}, checkpoint_dir=directory)
+            first = {}

@@ -211,13 +211,22 @@ def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_pa
 
 # --- a trial's worker killed; its checkpoints damaged ------------------------------------------
 
-def damage(path: Path, how: str) -> None:
-    data = path.read_bytes()
+def damage(path: Path, how: str) -> str:
+    """Truncate the file, or flip one byte in the middle of its largest tensor (only the
+    zip record's CRC-32 can tell; the middle of the file may be padding). Returns the
+    name of the record flipped."""
+    data = bytearray(path.read_bytes())
     if how == "truncate":
         path.write_bytes(data[: len(data) // 2])
-    else:  # flip one byte in the middle: only the zip CRCs can tell
-        middle = len(data) // 2
-        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+        return ""
+    with zipfile.ZipFile(path) as archive:
+        tensors = [r for r in archive.infolist() if "/data/" in r.filename]
+        record = max(tensors, key=lambda r: r.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:
+                                                     record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return record.filename
 
 
 def newest_epoch_on_disk(trial_dir: Path) -> int:
@@ -316,16 +325,9 @@ def test_an_altered_checkpoint_is_refused(sources, tmp_path):
     """One flipped byte inside a tensor: torch.load reads it without complaint; the
     CRC-32 of its zip record does not match, so load_checkpoint refuses it."""
     path = saved_checkpoint(sources, tmp_path, epochs=1)[0]
-    with zipfile.ZipFile(path) as archive:
-        tensors = [r for r in archive.infolist() if "/data/" in r.filename]
-        record = max(tensors, key=lambda r: r.file_size)  # the largest tensor's bytes
-    data = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:
-                                                     record.header_offset + 30])
-    data[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    record = damage(path, "flip")
     torch.load(path, weights_only=True)  # why the CRC check is needed
-    with pytest.raises(CheckpointError, match=f"record {record.filename} fails its CRC"):
+    with pytest.raises(CheckpointError, match=f"record {record} fails its CRC"):
         load_checkpoint(path)
 
 
@@ -345,6 +347,17 @@ def test_resume_falls_back_past_damaged_checkpoints_then_starts_from_scratch(sou
                         r"\(unreadable or unsafe checkpoint .+\); no usable checkpoint: "
                         r"started from scratch", note)
     assert trainable.newest_good_checkpoint(tmp_path / "nothing") == (None, "")
+
+
+def test_resume_takes_the_latest_epoch_whatever_the_directory_is_called(sources, tmp_path):
+    # Tune restored from an old snapshot numbers new checkpoints from its own count: a
+    # later epoch can land in a lower-numbered directory.
+    first, second = saved_checkpoint(sources, tmp_path)
+    epoch_1, epoch_2 = first.read_bytes(), second.read_bytes()
+    first.write_bytes(epoch_2)
+    second.write_bytes(epoch_1)
+    state, note = trainable.newest_good_checkpoint(tmp_path)
+    assert state["epoch"] == 2 and note == "resumed from checkpoint_000000 (epoch 2)"
 
 
 # --- trials that raise or diverge --------------------------------------------------------------
