@@ -38,6 +38,10 @@ MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), fr
 SEARCHES = ("tpe", "random")
 ASHA_FIRST_RUNG_SAMPLES = 4_096  # see first_rung()
 PLOT_EVERY_S = 60  # pareto.png is redrawn at most this often while the sweep runs
+SETTINGS_FILE = "sweep_settings.json"  # in the experiment: the settings it began with
+# Where a sweep runs, not what it is: free to change when it resumes (a lost node, another
+# machine); storage and name are where the experiment is.
+WHERE_FIELDS = {"fresh", "address", "gpus", "cpus", "storage", "name"}
 
 
 class UsageError(Exception):
@@ -226,6 +230,29 @@ def check_reachable(address: str) -> None:
 
 # --- the experiment directory ---------------------------------------------------------------
 
+def sweep_settings(c: SweepConfig) -> dict:
+    """What defines a sweep, as JSON values (paths made absolute)."""
+    return {k: str(v.resolve()) if isinstance(v, Path) else v
+            for k, v in asdict(c).items() if k not in WHERE_FIELDS}
+
+
+def check_same_sweep(c: SweepConfig) -> None:
+    """Tune resumes a sweep with the settings it began with (kept in its tuner.pkl: trial
+    count, budget, search, the live report's path) and would quietly ignore new ones; the
+    trials would see some of them. Refuse a command that asks for others."""
+    try:
+        saved = json.loads((c.experiment / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):  # a new sweep, or one begun before the file was kept
+        return
+    wanted = sweep_settings(c)
+    differ = [k for k in wanted if saved.get(k, wanted[k]) != wanted[k]]
+    if differ:
+        changes = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (asked: {wanted[k]})"
+                            for k in differ)
+        raise UsageError(f"{c.experiment} is a sweep begun with {changes}; its own command "
+                         "continues it, --fresh or another --name starts a new one")
+
+
 def lock_experiment(experiment: Path):
     """Hold an exclusive lock for this driver's lifetime: a second driver on the same
     experiment would corrupt it. The OS drops the lock when the process dies, however.
@@ -410,7 +437,10 @@ def build_tuner(c: SweepConfig, progress):
         # A rung whose trials all ended in error or divergence holds only NaN: ASHA's
         # cutoff (numpy's nanpercentile) then warns, and there is nothing to cut.
         warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
-        scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="training_iteration",
+        # The trial's own epoch, not Tune's count of its results: after a killed driver
+        # that count restarts from Tune's last snapshot while the trial goes on from its
+        # newest checkpoint on disk.
+        scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="epoch",
                                   max_t=c.max_epochs, reduction_factor=2,
                                   grace_period=first_rung(c.samples_per_epoch, c.max_epochs))
     tune_config = tune.TuneConfig(
@@ -418,6 +448,9 @@ def build_tuner(c: SweepConfig, progress):
         max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,
         # A worker goes on to the next trial: no new process, torch import or data load.
         reuse_actors=True, trial_dirname_creator=trial_dirname)
+    c.experiment.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps(sweep_settings(c), indent=1).encode()
+    atomic_write(c.experiment / SETTINGS_FILE, lambda f: f.write(settings))
     print(f"new sweep in {c.experiment}: {c.trials} trials, up to {n_concurrent} at once")
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -510,14 +543,19 @@ def fill_data_cache() -> None:
 
 
 def sweep(c: SweepConfig) -> int:
+    with lock_experiment(c.experiment):  # first: a second driver must change nothing
+        return sweep_under_lock(c)
+
+
+def sweep_under_lock(c: SweepConfig) -> int:
     import ray
 
     from sweep.report import load_trials, write_report
 
     experiment = c.experiment
-    lock = lock_experiment(experiment)  # first: a second driver must change nothing
     if c.fresh and experiment.exists():
         print(f"--fresh: moved the previous experiment to {move_aside(experiment)}")
+    check_same_sweep(c)
     fill_data_cache()
     start_ray(c)
     try:
@@ -549,7 +587,6 @@ def sweep(c: SweepConfig) -> int:
               f"  evaluate:   python sweep/evaluate.py {row.checkpoint}")
     print(f"report: {c.report} (and {c.report.with_name('pareto.png')})\n"
           f"tensorboard: tensorboard --logdir {experiment}")
-    lock.close()
     if unfinished or len(df) < c.trials:
         print(f"interrupted: {len(df) - unfinished}/{c.trials} trials ended; run the same "
               "command to continue")

@@ -187,6 +187,17 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     assert run.main(argv) == 0
     assert results(experiment) == before
 
+    # Another command on the same experiment: Tune would resume it with the settings it
+    # began with and ignore the new ones, so it is refused (--fresh starts anew).
+    capsys.readouterr()
+    other = sweep_args(tmp_path, "--trials", "6", "--objective", "pareto", "--seed", "3")
+    assert run.main(other) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {experiment} is a sweep begun "
+                                                    "with --trials 4 (asked: 6), --seed 0 "
+                                                    "(asked: 3); its own command continues it")
+    assert results(experiment) == before
+
 
 def test_report_cli_refuses_a_directory_that_is_no_experiment(tmp_path, capsys):
     assert report_cli.main([str(tmp_path)]) == 2
