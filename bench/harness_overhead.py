@@ -46,7 +46,9 @@ def trial_times(experiment: Path) -> list[TrialTimes]:
         lines = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
         if lines:
             trials.append(TrialTimes(
-                start=min(r["started_at"] for r in lines), end=lines[-1]["reported_at"],
+                # A trial that ended in error reports no start: its report is its span.
+                start=min(r.get("started_at", r["reported_at"]) for r in lines),
+                end=lines[-1]["reported_at"],
                 train=max(r.get("train_seconds", 0.0) for r in lines),  # cumulative
                 evaluation=sum(r.get("eval_seconds", 0.0) for r in lines)))
     return trials
