@@ -38,7 +38,7 @@ METRICS = ["params", "flops_per_sample", "epochs", "val_mse", "test_mse_mean",
 COLUMNS = ["trial_id", "status", *AXES, *METRICS, "pareto", "checkpoint", "node", "error"]
 
 
-def trial_status(tune_status: str, result: dict, error: str) -> str:
+def trial_status(tune_status: str, result: dict) -> str:
     """Our words for where a trial ended: Tune's status refined by what the trial said."""
     ours = result.get("status")
     if tune_status == "ERROR":
@@ -101,7 +101,7 @@ def trial_record(trial, tune_status: str | None = None) -> dict:
     checkpoint = trial.checkpoint.path if trial.checkpoint else ""
     row = {
         "trial_id": trial.trial_id,
-        "status": trial_status(tune_status, result, error),
+        "status": trial_status(tune_status, result),
         **{k: trial.config.get(k) for k in AXES},
         **{k: result.get(k) for k in METRICS},
         "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if checkpoint else "",

@@ -512,7 +512,7 @@ def make_progress(c: SweepConfig):
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             result = trial.last_result or {}
-            status = trial_status("TERMINATED", result, "")  # Tune sets it after this call
+            status = trial_status("TERMINATED", result)  # Tune sets it after this call
             why = f": {result['reason']}" if status == "error" and result.get("reason") else ""
             # Tune marks the trial TERMINATED after this callback: count it as ended.
             self.line(trials, f"{trial.trial_id} ended ({status}){why}", ending=trial)
