@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training samples over which the learning rate falls")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         state = load_checkpoint(args.checkpoint)
         model_cfg, cfg = split_config({**state["model_config"], **state["train_config"]})

@@ -459,6 +459,15 @@ def test_evaluate_refuses_a_foreign_file(tmp_path: Path, capsys) -> None:
     assert list(tmp_path.iterdir()) == [path]  # no PNG drawn
 
 
+@pytest.mark.parametrize("flags, phrase", [(["--threads", "-1"], "--threads must be >= 0"),
+                                           (["--pairs", "0"], "--pairs must be >= 1")])
+def test_evaluate_bad_flag_is_one_usage_line_exit_2(tmp_path: Path, capsys, flags,
+                                                    phrase) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(tmp_path / "x.pt"), *flags])
+    assert exit_.value.code == 2 and phrase in capsys.readouterr().err
+
+
 # --- bench/anneal_forecast.py -----------------------------------------------------------------
 
 
