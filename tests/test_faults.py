@@ -5,6 +5,7 @@ checkpoints, trials that raise or diverge, a second driver, a full disk, open po
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ from sweep import run, trainable
 from sweep.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     save_checkpoint,
 )
@@ -128,6 +130,32 @@ class Driver:
 
 
 # --- the driver killed at each point -----------------------------------------------------------
+
+def write_forever(target: Path, versions: list[bytes]) -> None:
+    for i in range(10**9):
+        atomic_write(target, lambda f: f.write(versions[i % 2]))  # noqa: B023 - called now
+
+
+def test_atomic_write_killed_at_any_instant_leaves_one_whole_version(tmp_path):
+    """What the report and checkpoints rely on: a writer SIGKILLed at any instant leaves
+    the file as one whole version, never a stub or a mix, and the temp file the dead
+    writer left goes with the next write. (Writing in place, 4 MB at a time, a kill
+    mid-write leaves a stub: this is the test that would catch it.)"""
+    target = tmp_path / "report.csv"
+    versions = [b"A" * 4_000_000, b"B" * 4_000_000]
+    fork = multiprocessing.get_context("fork")  # a child without a new interpreter
+    for delay in (0.02, 0.05, 0.08, 0.11, 0.14, 0.17, 0.2, 0.25):
+        writer = fork.Process(target=write_forever, args=(target, versions))
+        writer.start()
+        time.sleep(delay)
+        writer.kill()
+        writer.join()
+        if target.exists():
+            assert target.read_bytes() in versions
+    atomic_write(target, lambda f: f.write(b"last"))
+    assert target.read_bytes() == b"last"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]  # no temp file left
+
 
 def whole_or_absent(report: Path) -> None:
     """What a SIGKILL may leave: the previous report or none, never a torn one."""

@@ -15,16 +15,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from data.mixture import Sources
+from data.mixture import Sources, fixed_indices
 from model.unet import ConfigError, UNet, preset
 from sweep import evaluate, train
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import choose_fast_path
-from sweep.scoring import val_mse
+from sweep.scoring import test_score, val_mse
 from sweep.train import TrainConfig, check_resumable, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,32 @@ def test_test_pairs_adds_the_test_score_at_the_end(sources: Sources, fast) -> No
     assert metrics["status"] == "finished" and metrics["test_pairs"] == 100
     assert 0 < metrics["test_mse_std"] < metrics["test_mse_mean"] < 0.2
     assert state["metrics"] is metrics
+
+
+class Constant(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), 2, *x.shape[2:]), self.value)
+
+
+def test_test_score_follows_the_protocol_on_the_test_split(sources: Sources, fast) -> None:
+    # Zeros score the mean square of the true components, computed here straight from
+    # the test split's uint8 images (/255) for the 10 seeded sets: mean and std of the 10.
+    mnist, fashion = sources.test
+    per_set = []
+    for seed in range(10):
+        i1, i2 = fixed_indices(len(mnist), len(fashion), 300, seed)
+        truth = np.stack([mnist[i1].numpy(), fashion[i2].numpy()], axis=1) / 255.0
+        per_set.append(np.mean(truth ** 2))
+    mean, std = test_score(Zeros(), sources.test, "mean", fast, n_pairs=300)
+    assert mean == pytest.approx(np.mean(per_set), rel=1e-6)
+    assert std == pytest.approx(np.std(per_set), rel=1e-4) and std > 0
+    # Predictions are clamped to [0, 1]: 2.0 everywhere scores as 1.0 does.
+    assert test_score(Constant(2.0), sources.test, "mean", fast, n_pairs=300) == \
+        test_score(Constant(1.0), sources.test, "mean", fast, n_pairs=300)
 
 
 # --- exact resume -----------------------------------------------------------------------------
@@ -235,20 +262,15 @@ def test_cli_resume_under_another_config_exits_2(cli_run: Path, tmp_path: Path, 
     assert (out / CHECKPOINT_FILE).read_bytes() == before
 
 
-def copy_with_fast_path(cli_run: Path, out: Path, **fast_path) -> bytes:
-    """The finished CLI run, copied, its checkpoint saying it ran with `fast_path`."""
-    state = load_checkpoint(cli_run)
-    state["fast_path"] = {**state["fast_path"], **fast_path}
-    save_checkpoint(state, out / CHECKPOINT_FILE)
-    return (out / CHECKPOINT_FILE).read_bytes()
-
-
 def test_cli_resume_on_another_kind_of_device_exits_2(cli_run: Path, tmp_path: Path,
                                                       capsys) -> None:
     # Its random pairs come from a generator on the device: a CPU state does not load
     # into a CUDA generator (a RuntimeError deep in torch before this check).
+    state = load_checkpoint(cli_run)
+    state["fast_path"]["device"] = "cuda"
     out = tmp_path / "run"
-    before = copy_with_fast_path(cli_run, out, device="cuda")
+    save_checkpoint(state, out / CHECKPOINT_FILE)
+    before = (out / CHECKPOINT_FILE).read_bytes()
     code = train.main([*CLI_ARGS, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
@@ -257,14 +279,31 @@ def test_cli_resume_on_another_kind_of_device_exits_2(cli_run: Path, tmp_path: P
     assert (out / CHECKPOINT_FILE).read_bytes() == before
 
 
-def test_cli_resume_in_another_precision_says_so(cli_run: Path, tmp_path: Path, fast,
-                                                 capsys) -> None:
+@pytest.mark.parametrize("keep_old", [False, True])
+def test_cli_resume_in_another_precision_says_so(sources: Sources, fast, tmp_path: Path,
+                                                 capsys, keep_old: bool) -> None:
+    # An epoch-1 checkpoint of the CLI run's config that says it trained in the other
+    # precision: the resumed epoch runs in this machine's and says so, or, with
+    # --precision naming the old one, in the old one without a word.
+    cfg = TrainConfig(epochs=2, samples_per_epoch=2048, val_pairs=500, threads=1)
+    _, state, _ = next(run_trial(preset("tiny"), cfg, sources, fast))
+    old_bf16 = not fast.bf16
+    state["fast_path"]["bf16"] = old_bf16
     out = tmp_path / "run"
-    copy_with_fast_path(cli_run, out, bf16=not fast.bf16)
-    assert train.main([*CLI_ARGS, "--out", str(out)]) == 0
+    save_checkpoint(state, out / CHECKPOINT_FILE)
+    flags = ["--precision", "bf16" if old_bf16 else "fp32"] if keep_old else []
+    assert train.main([*CLI_ARGS, "--out", str(out), *flags]) == 0
     stdout = capsys.readouterr().out
-    trained, now = ("bf16 autocast", "fp32") if not fast.bf16 else ("fp32", "bf16 autocast")
-    assert f"note: the checkpoint trained in {trained}, this run continues in {now}" in stdout
+    assert "resuming from" in stdout and "epoch 2/2" in stdout
+    resumed = load_checkpoint(out / CHECKPOINT_FILE)
+    assert resumed["epoch"] == 2
+    if keep_old:
+        assert "note:" not in stdout and resumed["fast_path"]["bf16"] == old_bf16
+    else:
+        names = {True: "bf16 autocast", False: "fp32"}
+        assert (f"note: the checkpoint trained in {names[old_bf16]}, this run continues in "
+                f"{names[fast.bf16]}") in stdout
+        assert resumed["fast_path"]["bf16"] == fast.bf16
 
 
 # --- divergence -------------------------------------------------------------------------------
