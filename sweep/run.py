@@ -587,7 +587,12 @@ def sweep_under_lock(c: SweepConfig) -> int:
               f"  evaluate:   python sweep/evaluate.py {row.checkpoint}")
     print(f"report: {c.report} (and {c.report.with_name('pareto.png')})\n"
           f"tensorboard: tensorboard --logdir {experiment}")
-    if unfinished or len(df) < c.trials:
+    if c.time_budget and not unfinished and len(df) < c.trials:
+        # Tune stopped the running trials and started no more. Its clock is saved with
+        # the experiment, so the same command would end at once: say what would go on.
+        print(f"time budget used up ({c.time_budget:g} s): {len(df)} of {c.trials} trials "
+              "ran; --fresh or another --name starts a new sweep")
+    elif unfinished or len(df) < c.trials:
         print(f"interrupted: {len(df) - unfinished}/{c.trials} trials ended; run the same "
               "command to continue")
         return 130

@@ -199,6 +199,19 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     assert results(experiment) == before
 
 
+def test_a_spent_time_budget_ends_the_sweep_and_says_so(tmp_path, capsys):
+    # Tune keeps the budget's clock with the experiment: "run the same command to
+    # continue" would have sent the user round in a loop that trains nothing.
+    argv = sweep_args(tmp_path, "--trials", "40", "--max-epochs", "2",
+                      "--samples-per-epoch", "2048", "--time-budget", "12")
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "report.csv")
+    assert 0 < len(df) < 40 and "stopped early" in set(df["status"])
+    assert f"time budget used up (12 s): {len(df)} of 40 trials ran" in out
+    assert "interrupted" not in out
+
+
 def test_report_cli_refuses_a_directory_that_is_no_experiment(tmp_path, capsys):
     assert report_cli.main([str(tmp_path)]) == 2
     assert "not a sweep's experiment directory" in capsys.readouterr().err
