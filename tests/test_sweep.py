@@ -147,9 +147,11 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     argv = sweep_args(tmp_path, "--trials", "4", "--objective", "pareto")
     assert run.main(argv) == 0
     out = capsys.readouterr().out
-    assert "best: trial" in out and "evaluate:" in out
-
     df = pd.read_csv(tmp_path / "report.csv")
+    best = df.sort_values("val_mse").iloc[0]
+    assert f"best: trial {best.trial_id}, val_mse {best.val_mse:.3e}" in out
+    assert f"evaluate:   python sweep/evaluate.py {best.checkpoint}" in out
+
     assert list(df.columns) == COLUMNS
     assert len(df) == 4
     assert set(df["status"]) <= {"finished", "stopped early"}
@@ -197,6 +199,13 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
                                                     "with --trials 4 (asked: 6), --seed 0 "
                                                     "(asked: 3); its own command continues it")
     assert results(experiment) == before
+    # Where it runs may change on resume (a lost node, another machine): not refused.
+    run.check_same_sweep(run.parse_args(argv + ["--cpus", "1"]))
+    # --fresh moves the old experiment aside, whole, and starts anew with the new settings.
+    assert run.main(sweep_args(tmp_path, "--trials", "1", "--fresh")) == 0
+    [aside] = experiment.parent.glob("sweep.old-*")
+    assert results(aside) == before
+    assert len(results(experiment)) == 1 and len(pd.read_csv(tmp_path / "report.csv")) == 1
 
 
 def test_a_spent_time_budget_ends_the_sweep_and_says_so(tmp_path, capsys):

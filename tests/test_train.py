@@ -250,6 +250,20 @@ def test_resume_under_another_config_is_refused(sources: Sources, fast) -> None:
         assert change in str(err.value)
 
 
+def test_cli_fresh_moves_the_old_run_aside_and_starts_over(cli_run: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out)
+    old = (out / CHECKPOINT_FILE).read_bytes()
+    assert train.main([*CLI_ARGS, "--out", str(out), "--fresh"]) == 0
+    stdout = capsys.readouterr().out
+    [aside] = tmp_path.glob("run.old-*")
+    assert f"moved the previous run to {aside}" in stdout
+    assert (aside / CHECKPOINT_FILE).read_bytes() == old  # kept whole, never deleted
+    assert "resuming" not in stdout and "epoch 1/2" in stdout  # trained from scratch
+    assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] == 2
+
+
 def test_cli_resume_under_another_config_exits_2(cli_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     shutil.copytree(cli_run, out)
@@ -381,6 +395,7 @@ def test_bad_device_is_one_error_line_exit_2(device: str, capsys) -> None:
     code = train.main(["--preset", "tiny", "--summary", "--device", device])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert repr(device) in err or f"device {device}" in err, err  # names what was refused
 
 
 # --- checkpoint files -------------------------------------------------------------------------
