@@ -45,7 +45,7 @@ from sweep.scoring import test_score, val_mse
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
 # Fields that change how a trial runs, not which run it is: free to differ on resume. The
-# device's kind may not (check_resumable); a precision that differs is said (run_trial).
+# device's kind may not (check_resumable); a precision that differs is said (precision_note).
 RUNTIME_FIELDS = {"threads", "device", "compile", "test_pairs", "precision", "channels_last"}
 
 
