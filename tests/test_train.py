@@ -22,10 +22,10 @@ from torch import nn
 
 from data.mixture import Sources, fixed_indices
 from model.unet import ConfigError, UNet, preset
-from sweep import evaluate, train
+from sweep import evaluate, scoring, train
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import choose_fast_path
-from sweep.scoring import test_score, val_mse
+from sweep.scoring import val_mse
 from sweep.train import TrainConfig, check_resumable, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,12 +143,12 @@ def test_test_score_follows_the_protocol_on_the_test_split(sources: Sources, fas
         i1, i2 = fixed_indices(len(mnist), len(fashion), 300, seed)
         truth = np.stack([mnist[i1].numpy(), fashion[i2].numpy()], axis=1) / 255.0
         per_set.append(np.mean(truth ** 2))
-    mean, std = test_score(Zeros(), sources.test, "mean", fast, n_pairs=300)
+    mean, std = scoring.test_score(Zeros(), sources.test, "mean", fast, n_pairs=300)
     assert mean == pytest.approx(np.mean(per_set), rel=1e-6)
     assert std == pytest.approx(np.std(per_set), rel=1e-4) and std > 0
     # Predictions are clamped to [0, 1]: 2.0 everywhere scores as 1.0 does.
-    assert test_score(Constant(2.0), sources.test, "mean", fast, n_pairs=300) == \
-        test_score(Constant(1.0), sources.test, "mean", fast, n_pairs=300)
+    assert scoring.test_score(Constant(2.0), sources.test, "mean", fast, n_pairs=300) == \
+        scoring.test_score(Constant(1.0), sources.test, "mean", fast, n_pairs=300)
 
 
 # --- exact resume -----------------------------------------------------------------------------
