@@ -85,9 +85,13 @@ def assert_same_training(a: dict, b: dict) -> None:
 # --- learning ---------------------------------------------------------------------------------
 
 
-class Zeros(nn.Module):
+class Constant(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(x), 2, *x.shape[2:])
+        return torch.full((len(x), 2, *x.shape[2:]), self.value)
 
 
 class CopyMixture(nn.Module):
@@ -103,7 +107,7 @@ def test_short_training_lowers_val_mse_below_trivial_baselines(sources: Sources,
     cfg = TrainConfig(epochs=2, samples_per_epoch=2048, val_pairs=1000, threads=1)
     torch.manual_seed(cfg.seed)  # build_trial's initialisation, for the untrained score
     untrained = val_mse(UNet(model_cfg), sources.val, "mean", fast, cfg.val_pairs)
-    zeros = val_mse(Zeros(), sources.val, "mean", fast, cfg.val_pairs)
+    zeros = val_mse(Constant(0.0), sources.val, "mean", fast, cfg.val_pairs)
     copy = val_mse(CopyMixture(), sources.val, "mean", fast, cfg.val_pairs)
     assert copy < zeros  # sanity of the baselines themselves
 
@@ -125,15 +129,6 @@ def test_test_pairs_adds_the_test_score_at_the_end(sources: Sources, fast) -> No
     assert state["metrics"] is metrics
 
 
-class Constant(nn.Module):
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.full((len(x), 2, *x.shape[2:]), self.value)
-
-
 def test_test_score_follows_the_protocol_on_the_test_split(sources: Sources, fast) -> None:
     # Zeros score the mean square of the true components, computed here straight from
     # the test split's uint8 images (/255) for the 10 seeded sets: mean and std of the 10.
@@ -143,7 +138,7 @@ def test_test_score_follows_the_protocol_on_the_test_split(sources: Sources, fas
         i1, i2 = fixed_indices(len(mnist), len(fashion), 300, seed)
         truth = np.stack([mnist[i1].numpy(), fashion[i2].numpy()], axis=1) / 255.0
         per_set.append(np.mean(truth ** 2))
-    mean, std = scoring.test_score(Zeros(), sources.test, "mean", fast, n_pairs=300)
+    mean, std = scoring.test_score(Constant(0.0), sources.test, "mean", fast, n_pairs=300)
     assert mean == pytest.approx(np.mean(per_set), rel=1e-6)
     assert std == pytest.approx(np.std(per_set), rel=1e-4) and std > 0
     # Predictions are clamped to [0, 1]: 2.0 everywhere scores as 1.0 does.
