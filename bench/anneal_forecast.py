@@ -28,7 +28,6 @@ from data.mixture import load_sources
 from data.sources import DataError
 from model.unet import ConfigError
 from sweep.checkpoint import CheckpointError, load_checkpoint
-from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import val_mse
 from sweep.train import build_trial, check_resumable, make_step_fn, split_config, train_epoch
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, cfg = split_config({**state["model_config"], **state["train_config"]})
         if args.samples < cfg.batch_size:
             parser.error(f"--samples must be at least the run's batch size, {cfg.batch_size}")
-        fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+        fast = cfg.fast_path()
         check_resumable(state, model_cfg, cfg, fast)
         sources = load_sources(fast.device)
     except (CheckpointError, ConfigError, DataError) as e:

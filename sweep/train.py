@@ -94,6 +94,10 @@ class TrainConfig:
     def steps_per_epoch(self) -> int:
         return self.samples_per_epoch // self.batch_size
 
+    def fast_path(self) -> FastPath:
+        """The device and precision this config resolves to on this machine."""
+        return choose_fast_path(pick_device(self.device), self.precision, self.channels_last)
+
 
 def split_config(flat: dict) -> tuple[UNetConfig, TrainConfig]:
     """A flat dict (a sweep's config, a checkpoint's) -> (model config, train config)."""
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     set_threads(cfg.threads)
     try:
-        fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+        fast = cfg.fast_path()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

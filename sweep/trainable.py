@@ -17,7 +17,6 @@ from tensorboardX import SummaryWriter
 from data.mixture import Sources, load_sources
 from model.unet import ConfigError, params_of
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import separation_rows
 from sweep.train import precision_note, run_trial, split_config
 
@@ -114,7 +113,7 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
                 "reason": f"{params} params > --max-params {max_params}"})
         return
 
-    fast = choose_fast_path(pick_device(cfg.device), cfg.precision, cfg.channels_last)
+    fast = cfg.fast_path()
     sources = sources_on(fast.device)
     resume, note = newest_good_checkpoint(trial_dir)
     if resume and (changed := precision_note(resume, fast)):
