@@ -172,7 +172,8 @@ def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
     trained_on = state.get("fast_path", {}).get("device", "cpu")  # older ones: CPU only
     if trained_on != fast.device.type:
         raise ConfigError(f"the checkpoint was trained on {trained_on}, this run would use "
-                          f"{fast.device.type}; continue it with --device {trained_on}")
+                          f"{fast.device.type}; continue it where torch sees {trained_on} "
+                          f"(--device {trained_on})")
 
 
 def precision_note(state: dict, fast: FastPath) -> str:

@@ -284,7 +284,7 @@ def test_cli_resume_on_another_kind_of_device_exits_2(cli_run: Path, tmp_path: P
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "error: the checkpoint was trained on cuda, this run would use cpu; continue it " \
-           "with --device cuda" in err
+           "where torch sees cuda (--device cuda)" in err
     assert (out / CHECKPOINT_FILE).read_bytes() == before
 
 
