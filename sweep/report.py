@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import math
 import sys
 from pathlib import Path
@@ -22,15 +21,9 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from model.unet import ConfigError, UNetConfig, params_of, train_flops_per_sample
 from sweep.checkpoint import CHECKPOINT_FILE, atomic_write
+from sweep.plots import plot_pareto
 from sweep.train import split_config
 
-# The published points (task notes): (label, params, test MSE).
-REFERENCE = ("reference (customized U-Net)", 3_684_214, 3.68e-4)
-PUBLISHED = [
-    ("best public (U-Net)", 8_272_130, 3.00e-4),
-    REFERENCE,
-    ("smallest good one (two-branch)", 157_410, 4.9e-4),
-]
 AXES = ["base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
         "depthwise_head", "mixture_consistent", "batch_norm", "lr", "batch_size"]
 METRICS = ["params", "flops_per_sample", "epochs", "val_mse", "test_mse_mean",
@@ -133,42 +126,6 @@ def build_report(records: list[dict]) -> pd.DataFrame:
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
-
-
-def plot_pareto(df: pd.DataFrame, path: Path) -> None:
-    """val MSE (and test MSE where scored) against parameters, log-log, front drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ok = df[df["val_mse"].notna()]
-    ax.scatter(ok["params"], ok["val_mse"], s=18, c="tab:blue", alpha=0.5, label="trials (val)")
-    front = ok[ok["pareto"]].sort_values("params")
-    ax.step(front["params"], front["val_mse"], where="post", c="tab:blue", lw=1.5)
-    ax.scatter(front["params"], front["val_mse"], s=40, facecolors="none",
-               edgecolors="tab:blue", lw=1.5, label="Pareto front (val)")
-    tested = df[df["test_mse_mean"].notna()]
-    if len(tested):
-        ax.scatter(tested["params"], tested["test_mse_mean"], s=22, marker="x", c="tab:green",
-                   label="trials (test)")
-    for i, (label, params, mse) in enumerate(PUBLISHED):
-        ax.scatter([params], [mse], marker="*", s=140, c="tab:red", zorder=3,
-                   label="published (test)" if i == 0 else None)
-        ax.annotate(label, (params, mse), textcoords="offset points",
-                    xytext=(-10, -14 if i % 2 == 0 else 8), ha="right", fontsize=8)
-    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="MSE",
-           title="Separation MSE against model size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    # Fixed margins, not tight_layout(): that measured every tick label, 0.47 s of a 1.1 s
-    # draw, while the sweep's driver starts no trial.
-    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def write_report(trials, csv_path: Path, ending: str | None = None,

@@ -5,6 +5,8 @@ The same code runs alone and inside a sweep:
     python sweep/train.py --preset small --epochs 1        # trains, prints per epoch
     python sweep/train.py --preset reference --summary     # config, params, FLOPs; no training
 
+Beside its checkpoint a run keeps metrics.csv (a row per epoch) and curve.png.
+
 `run_trial` is a generator: it yields (metrics, checkpoint) after every epoch, and the
 caller decides where they go (this CLI: a file and stdout; the sweep: `tune.report`).
 Resuming is one branch: pass the last checkpoint back in.
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -35,13 +38,17 @@ from model.unet import train_flops_per_sample as flops_of
 from sweep.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     load_weights,
     save_checkpoint,
 )
 from sweep.device import FastPath, choose_fast_path, pick_device
+from sweep.plots import plot_curve
 from sweep.scoring import test_score, val_mse
 
+HISTORY_FILE = "metrics.csv"  # beside the checkpoint: one row per epoch
+CURVE_FILE = "curve.png"
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
 # Fields that change how a trial runs, not which run it is: free to differ on resume. The
@@ -323,6 +330,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def history_row(metrics: dict, cfg: TrainConfig) -> dict:
+    """An epoch's line of metrics.csv."""
+    row = {"epoch": metrics["epoch"],
+           "samples": metrics["epoch"] * cfg.steps_per_epoch * cfg.batch_size}
+    keys = ("train_loss", "val_mse", "lr", "samples_per_s", "train_seconds",
+            "test_mse_mean", "test_mse_std")
+    return row | {k: metrics[k] for k in keys if k in metrics}
+
+
+def write_history(history: list[dict], cfg: TrainConfig, out: Path) -> None:
+    """metrics.csv and curve.png, both rebuilt whole from the history the checkpoint holds:
+    a run killed between writes gets them back complete from its next epoch."""
+    df = pd.DataFrame(history)
+    atomic_write(out / HISTORY_FILE, lambda f: f.write(df.to_csv(index=False).encode()))
+    plot_curve(df, cfg.epochs * cfg.steps_per_epoch * cfg.batch_size, out / CURVE_FILE)
+
+
 def set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -365,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"params: {count_params(UNet(model_cfg))}, device {fast.device}, "
               f"bf16={fast.bf16}, channels_last={fast.channels_last}, "
               f"threads {torch.get_num_threads()}")
+        history = list(resume.get("history", [])) if resume else []
         for metrics, state, _ in run_trial(model_cfg, cfg, sources, fast, resume, log=print):
-            save_checkpoint(state, ckpt_path)
+            history.append(history_row(metrics, cfg))
+            save_checkpoint({**state, "history": history}, ckpt_path)
+            write_history(history, cfg, out)
             print(f"epoch {metrics['epoch']}/{cfg.epochs}: val_mse {metrics['val_mse']:.3e} "
                   f"train_loss {metrics['train_loss']:.3e} "
                   f"{metrics['samples_per_s']:.0f} samples/s "

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -208,6 +209,11 @@ def test_cli_resume_after_sigkill_is_exact(cli_run: Path, tmp_path: Path) -> Non
     assert f"resuming from {ckpt} (epoch 1)" in result.stdout
     assert "epoch 1/2" not in result.stdout and "epoch 2/2" in result.stdout
     assert_same_training(load_checkpoint(cli_run), load_checkpoint(ckpt))
+    # metrics.csv comes back whole from the checkpoint's history, wherever the kill fell.
+    same = ["epoch", "samples", "train_loss", "val_mse", "lr"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / train.HISTORY_FILE)[same],
+                                  pd.read_csv(cli_run / train.HISTORY_FILE)[same])
+    assert (out / train.CURVE_FILE).read_bytes().startswith(b"\x89PNG")
 
 
 def test_cli_rerun_of_a_finished_run_trains_nothing(cli_run: Path, tmp_path: Path,
