@@ -224,17 +224,18 @@ def test_report_cli_refuses_a_directory_that_is_no_experiment(tmp_path, capsys):
     assert "not a sweep's experiment directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("gpus_per_trial, expected", [("1", 4), ("0.5", 8)])
-def test_logical_gpus_bound_concurrency(tmp_path, gpus_per_trial, expected):
-    """4 logical GPUs on this CPU machine: at most 4 one-GPU trials at once (8 at half a
-    GPU), each seeing its own device id; the trials still run on the CPU."""
-    trials = expected
-    argv = sweep_args(tmp_path, "--gpus", "4", "--gpus-per-trial", gpus_per_trial,
-                      "--cpus", "16", "--trials", str(trials), "--max-epochs", "1",
+@pytest.mark.parametrize("gpus, gpus_per_trial", [("4", "1"), ("2", "0.5")])
+def test_logical_gpus_bound_concurrency(tmp_path, gpus, gpus_per_trial):
+    """Logical GPUs on this CPU machine: 4 one-GPU trials at once on 4 GPUs, each seeing
+    its own device id, or 4 half-GPU trials packed two to a GPU on 2; the trials still run
+    on the CPU."""
+    expected = round(float(gpus) / float(gpus_per_trial))
+    argv = sweep_args(tmp_path, "--gpus", gpus, "--gpus-per-trial", gpus_per_trial,
+                      "--cpus", "16", "--trials", str(expected), "--max-epochs", "1",
                       "--samples-per-epoch", "4096", "--test-pairs", "0")
     assert run.main(argv) == 0
     trials_run = load_trials(tmp_path / "runs" / "sweep")
-    assert len(trials_run) == trials
+    assert len(trials_run) == expected
     spans, devices = [], []
     for t in trials_run:
         r = t.last_result
@@ -242,11 +243,12 @@ def test_logical_gpus_bound_concurrency(tmp_path, gpus_per_trial, expected):
         devices.append(r["cuda_visible_devices"])
         assert r["threads"] == 1  # one CPU each: no oversubscription
     assert max_overlap(spans) == expected
-    assert set(devices) <= {"0", "1", "2", "3"}
-    for i, (s1, e1) in enumerate(spans):  # overlapping trials share a device only at 0.5
-        sharing = sum(1 for j, (s2, e2) in enumerate(spans)
-                      if j != i and devices[j] == devices[i] and s2 < e1 and s1 < e2)
-        assert sharing <= (0 if gpus_per_trial == "1" else 1)
+    assert set(devices) <= {str(i) for i in range(int(gpus))}
+    sharing = [sum(1 for j, (s2, e2) in enumerate(spans)
+                   if j != i and devices[j] == devices[i] and s2 < e1 and s1 < e2)
+               for i, (s1, e1) in enumerate(spans)]
+    # Overlapping trials share a device only at half a GPU, and there they must.
+    assert max(sharing) == (0 if gpus_per_trial == "1" else 1)
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
