@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a script from a plain checkout
@@ -24,6 +23,7 @@ from data.sources import DataError
 from model.unet import ConfigError, UNet, UNetConfig
 from sweep.checkpoint import CheckpointError, load_checkpoint, load_weights
 from sweep.device import choose_fast_path, pick_device
+from sweep.plots import plot_separations
 from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
 
 
@@ -31,26 +31,6 @@ def model_from_checkpoint(state: dict, device: torch.device) -> UNet:
     model = UNet(UNetConfig.from_dict(state["model_config"])).to(device)
     load_weights(model, state)
     return model.eval()
-
-
-def save_separation_png(rows: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = rows.shape[0] // 32
-    fig, ax = plt.subplots(figsize=(7.5, 1.5 * n + 0.6))
-    ax.imshow(rows.numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks(np.arange(5) * 32 + 16,
-                  ["mixture", "true digit", "true item", "predicted digit", "predicted item"],
-                  fontsize=8)
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     beside = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     png = args.png or beside / "separation.png"
     rows = separation_rows(model, sources.test, mixture, fast, n=6)
-    save_separation_png(rows, png, f"{params:,} params, test MSE {mean:.2e}")
+    plot_separations(rows, png, f"{params:,} params, test MSE {mean:.2e}")
     print(f"png: {png}")
     return 0
 
