@@ -19,6 +19,12 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+# Read once, at import: os.umask can only be read by setting it. Files we write get the
+# mode a plain open() gives, so reports on shared storage are readable by the team.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename over `path`.
 
@@ -32,6 +38,7 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
                                suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -136,6 +136,13 @@ def write_forever(target: Path, versions: list[bytes]) -> None:
         atomic_write(target, lambda f: f.write(versions[i % 2]))  # noqa: B023 - called now
 
 
+def test_atomic_write_gives_files_the_mode_open_would(tmp_path):
+    # Not mkstemp's 0600: a report on shared storage must be readable by the team.
+    atomic_write(tmp_path / "report.csv", lambda f: f.write(b"x"))
+    (tmp_path / "plain.csv").write_bytes(b"x")
+    assert (tmp_path / "report.csv").stat().st_mode == (tmp_path / "plain.csv").stat().st_mode
+
+
 def test_atomic_write_killed_at_any_instant_leaves_one_whole_version(tmp_path):
     """What the report and checkpoints rely on: a writer SIGKILLed at any instant leaves
     the file as one whole version, never a stub or a mix, and the temp file the dead
