@@ -101,6 +101,11 @@ class TrainConfig:
     def steps_per_epoch(self) -> int:
         return self.samples_per_epoch // self.batch_size
 
+    @property
+    def epoch_samples(self) -> int:
+        """Samples an epoch trains on: whole batches, up to a batch short of samples_per_epoch."""
+        return self.steps_per_epoch * self.batch_size
+
     def fast_path(self) -> FastPath:
         """The device and precision this config resolves to on this machine."""
         return choose_fast_path(pick_device(self.device), self.precision, self.channels_last)
@@ -264,7 +269,7 @@ def run_trial(
             "train_loss": train_loss,
             "val_mse": math.nan if diverged else val_mse(
                 trial.model, sources.val, model_cfg.mixture, fast, cfg.val_pairs),
-            "samples_per_s": cfg.steps_per_epoch * cfg.batch_size / seconds,
+            "samples_per_s": cfg.epoch_samples / seconds,
             "train_seconds": trial.train_seconds,
             "lr": trial.schedule.get_last_lr()[0],
             "params": params,
@@ -333,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def history_row(metrics: dict, cfg: TrainConfig) -> dict:
     """An epoch's line of metrics.csv."""
     row = {"epoch": metrics["epoch"],
-           "samples": metrics["epoch"] * cfg.steps_per_epoch * cfg.batch_size}
+           "samples": metrics["epoch"] * cfg.epoch_samples}
     keys = ("train_loss", "val_mse", "lr", "samples_per_s", "train_seconds",
             "test_mse_mean", "test_mse_std")
     return row | {k: metrics[k] for k in keys if k in metrics}
@@ -344,7 +349,7 @@ def write_history(history: list[dict], cfg: TrainConfig, out: Path) -> None:
     a run killed between writes gets them back complete from its next epoch."""
     df = pd.DataFrame(history)
     atomic_write(out / HISTORY_FILE, lambda f: f.write(df.to_csv(index=False).encode()))
-    plot_curve(df, cfg.epochs * cfg.steps_per_epoch * cfg.batch_size, out / CURVE_FILE)
+    plot_curve(df, cfg.epochs * cfg.epoch_samples, out / CURVE_FILE)
 
 
 def set_threads(threads: int) -> None:
