@@ -6,8 +6,12 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "unet-sweep/1"  # refuse checkpoints that are not ours
@@ -51,6 +55,11 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    """A table (report.csv, metrics.csv) written whole or not at all."""
+    atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
 
 
 def remove_stale_temps(path: Path) -> None:

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.unet import ConfigError, UNetConfig, params_of, train_flops_per_sample
-from sweep.checkpoint import CHECKPOINT_FILE, atomic_write
+from sweep.checkpoint import CHECKPOINT_FILE, write_csv
 from sweep.plots import plot_pareto
 from sweep.train import split_config
 
@@ -122,10 +122,6 @@ def build_report(records: list[dict]) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["pareto"] = pareto_front(df["params"], df["val_mse"])
     return df.sort_values("trial_id", ignore_index=True)
-
-
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
 
 
 def write_report(trials, csv_path: Path, ending: str | None = None,

@@ -38,10 +38,10 @@ from model.unet import train_flops_per_sample as flops_of
 from sweep.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     load_weights,
     save_checkpoint,
+    write_csv,
 )
 from sweep.device import FastPath, choose_fast_path, pick_device
 from sweep.plots import plot_curve
@@ -348,7 +348,7 @@ def write_history(history: list[dict], cfg: TrainConfig, out: Path) -> None:
     """metrics.csv and curve.png, both rebuilt whole from the history the checkpoint holds:
     a run killed between writes gets them back complete from its next epoch."""
     df = pd.DataFrame(history)
-    atomic_write(out / HISTORY_FILE, lambda f: f.write(df.to_csv(index=False).encode()))
+    write_csv(df, out / HISTORY_FILE)
     plot_curve(df, cfg.epochs * cfg.epoch_samples, out / CURVE_FILE)
 
 
