@@ -91,19 +91,30 @@ def trial_record(trial, tune_status: str | None = None) -> dict:
     result = dict(trial.last_result or {})
     tune_status = tune_status or trial.status
     error = error_line(trial) if tune_status == "ERROR" else ""
-    checkpoint = trial.checkpoint.path if trial.checkpoint else ""
+    params, flops = config_size(trial.config)
     row = {
         "trial_id": trial.trial_id,
         "status": trial_status(tune_status, result),
         **{k: trial.config.get(k) for k in AXES},
         **{k: result.get(k) for k in METRICS},
-        "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if checkpoint else "",
+        # from the config, so that a trial stopped before its first report has them too
+        "params": params,
+        "flops_per_sample": flops,
+        "epochs": result.get("epoch"),
+        "checkpoint": checkpoint_file(trial, result),
         "node": result.get("node", ""),
         "error": error or result.get("reason", ""),
     }
-    row["epochs"] = result.get("epoch")
-    row["params"], row["flops_per_sample"] = config_size(trial.config)
     return row
+
+
+def checkpoint_file(trial, result: dict) -> str:
+    """The trial's newest checkpoint file. A trial that had ended when the driver was killed
+    is reported again from disk without a new checkpoint, so Tune may know none of it (or
+    an older one): that result names its file itself (trainable.py)."""
+    if "checkpoint_file" in result:
+        return result["checkpoint_file"]
+    return str(Path(trial.checkpoint.path) / CHECKPOINT_FILE) if trial.checkpoint else ""
 
 
 def pareto_front(params: pd.Series, mse: pd.Series) -> pd.Series:

@@ -26,9 +26,10 @@ def trial_dir_name(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
-def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, str]:
-    """The checkpoint on disk with the latest epoch that loads (None: start from scratch),
-    and a note of what was done, for the driver to print ("" when the trial starts fresh).
+def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, Path | None, str]:
+    """The checkpoint on disk with the latest epoch that loads and its file (None, None:
+    start from scratch), and a note of what was done, for the driver to print ("" when the
+    trial starts fresh).
 
     From disk, not the one Tune names: after a driver is killed, Tune restores its last
     experiment snapshot, which may predate this trial's latest checkpoints, or know none
@@ -41,16 +42,17 @@ def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, str]:
     for directory in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
         path = directory / CHECKPOINT_FILE
         try:
-            good.append((load_checkpoint(path), directory.name))
+            good.append((load_checkpoint(path), path))
         except CheckpointError as e:
             damaged.append(f"{directory.name} is damaged "
                            f"({str(e).removeprefix(f'{path}: ')})")
     if good:
-        state, name = max(good, key=lambda pair: pair[0]["epoch"])
-        return state, "; ".join([*damaged, f"resumed from {name} (epoch {state['epoch']})"])
+        state, path = max(good, key=lambda pair: pair[0]["epoch"])
+        resumed = f"resumed from {path.parent.name} (epoch {state['epoch']})"
+        return state, path, "; ".join([*damaged, resumed])
     if not damaged:  # no checkpoint yet: a fresh start, nothing to say
-        return None, ""
-    return None, "; ".join([*damaged, "no usable checkpoint: started from scratch"])
+        return None, None, ""
+    return None, None, "; ".join([*damaged, "no usable checkpoint: started from scratch"])
 
 
 @functools.cache
@@ -115,7 +117,7 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
 
     fast = cfg.fast_path()
     sources = sources_on(fast.device)
-    resume, note = newest_good_checkpoint(trial_dir)
+    resume, resume_file, note = newest_good_checkpoint(trial_dir)
     if resume and (changed := precision_note(resume, fast)):
         note = f"{note}; {changed}"
     where["resumed_from_epoch"] = resume["epoch"] if resume else 0
@@ -124,7 +126,8 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
     first = {"resume_note": note} if note else {}
     if resume and resume["metrics"].get("status") in ("finished", "diverged"):
         # It ended before the driver died, after Tune's last snapshot: report, never re-run.
-        report({**where, **resume["metrics"], **first})
+        # The snapshot may know none of its checkpoints: the report takes this one's file.
+        report({**where, **resume["metrics"], **first, "checkpoint_file": str(resume_file)})
         return
     # Straight into the trial's directory in the experiment, beside its checkpoints: a
     # reused worker's working directory is not always the one Tune syncs for this trial.

@@ -237,6 +237,11 @@ def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_pa
     lines = results(experiment)
     assert len(df) == trials and sorted(df["trial_id"]) == sorted(lines)
     assert (df["status"] == "finished").all(), df
+    # Each row names its final checkpoint, also a trial re-reported from disk after a kill
+    # (Tune's snapshot may know none of its checkpoints): evaluate.py's input.
+    for row in df.itertuples():
+        assert isinstance(row.checkpoint, str) and Path(row.checkpoint).is_file(), df
+        assert load_checkpoint(Path(row.checkpoint))["epoch"] == row.epochs, df
     for trial, rows in lines.items():  # each epoch trained once: one train_seconds per epoch
         runs = {(r["epoch"], r["train_seconds"]) for r in rows}
         assert len(runs) == 1, f"trial {trial} trained its epoch {len(runs)} times: {rows}"
@@ -371,17 +376,17 @@ def test_resume_falls_back_past_damaged_checkpoints_then_starts_from_scratch(sou
     first, second = saved_checkpoint(sources, tmp_path)
     assert trainable.newest_good_checkpoint(tmp_path)[0]["epoch"] == 2
     damage(second, "truncate")
-    state, note = trainable.newest_good_checkpoint(tmp_path)
-    assert state["epoch"] == 1
+    state, path, note = trainable.newest_good_checkpoint(tmp_path)
+    assert state["epoch"] == 1 and path == first
     assert re.fullmatch(r"checkpoint_000001 is damaged \(unreadable or unsafe checkpoint .+\); "
                         r"resumed from checkpoint_000000 \(epoch 1\)", note)
     damage(first, "flip")
-    state, note = trainable.newest_good_checkpoint(tmp_path)
-    assert state is None
+    state, path, note = trainable.newest_good_checkpoint(tmp_path)
+    assert state is None and path is None
     assert re.fullmatch(r"checkpoint_000001 is damaged \(.+\); checkpoint_000000 is damaged "
                         r"\(unreadable or unsafe checkpoint .+\); no usable checkpoint: "
                         r"started from scratch", note)
-    assert trainable.newest_good_checkpoint(tmp_path / "nothing") == (None, "")
+    assert trainable.newest_good_checkpoint(tmp_path / "nothing") == (None, None, "")
 
 
 def test_resume_takes_the_latest_epoch_whatever_the_directory_is_called(sources, tmp_path):
@@ -391,8 +396,9 @@ def test_resume_takes_the_latest_epoch_whatever_the_directory_is_called(sources,
     epoch_1, epoch_2 = first.read_bytes(), second.read_bytes()
     first.write_bytes(epoch_2)
     second.write_bytes(epoch_1)
-    state, note = trainable.newest_good_checkpoint(tmp_path)
-    assert state["epoch"] == 2 and note == "resumed from checkpoint_000000 (epoch 2)"
+    state, path, note = trainable.newest_good_checkpoint(tmp_path)
+    assert state["epoch"] == 2 and path == first
+    assert note == "resumed from checkpoint_000000 (epoch 2)"
 
 
 # --- trials that raise or diverge --------------------------------------------------------------
