@@ -476,12 +476,24 @@ def make_progress(c: SweepConfig):
 
     class Progress(tune.Callback):
         """Prints a line on each trial's news (at most every 10 s for results) and rewrites
-        the report whenever a trial ends. Pickled with the experiment, so it keeps no
-        state that must survive a restore."""
+        the report whenever a trial ends."""
 
-        def setup(self, **info) -> None:
+        earlier = 0.0  # seconds the sweep ran under the drivers before this one
+
+        def setup(self, **info) -> None:  # Tune calls it after set_state on a resume
             self.started = time.monotonic()
             self.last_print = self.last_plot = 0.0
+
+        # Saved with each experiment snapshot and given back on a resume, so the clock and
+        # the budget's time left go on where they were, as Tune's own budget clock does.
+        def get_state(self) -> dict:
+            return {"elapsed": self.elapsed()}
+
+        def set_state(self, state: dict) -> None:
+            self.earlier = state["elapsed"]
+
+        def elapsed(self) -> float:
+            return self.earlier + time.monotonic() - self.started
 
         def line(self, trials, news: str, ending=None) -> None:
             done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
@@ -489,7 +501,7 @@ def make_progress(c: SweepConfig):
             scores = [t.last_result.get("val_mse") for t in trials if t.last_result]
             scores = [s for s in scores if s is not None and math.isfinite(s)]
             best = f"{min(scores):.3e}" if scores else "-"
-            elapsed = time.monotonic() - self.started
+            elapsed = self.elapsed()
             if c.time_budget:
                 left = f"{max(0.0, c.time_budget - elapsed) / 60:.1f} min left (budget)"
             elif done:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -303,6 +304,10 @@ def test_sigkill_of_the_driver_then_the_same_command_resumes(tmp_path):
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert "resuming the sweep" in rerun.stdout
+    # The progress clock goes on from the last snapshot (2 s, and 0.1 min rounding).
+    clock = re.compile(r"^\[\s*([\d.]+) min\]", re.M)
+    killed_at = float(clock.findall((tmp_path / "driver.log").read_text())[-1])
+    assert float(clock.findall(rerun.stdout)[0]) >= killed_at - 0.15, rerun.stdout[-2000:]
     after = results(experiment)
     df = pd.read_csv(tmp_path / "report.csv")
     assert len(df) == 5 and set(df["status"]) == {"finished"}
