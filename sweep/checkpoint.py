@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.unet import UNet, UNetConfig
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -128,3 +130,10 @@ def load_weights(model: torch.nn.Module, state: dict) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit the model: "
                               f"{str(e).splitlines()[0][:200]}") from e
+
+
+def model_from_checkpoint(state: dict, device: torch.device) -> UNet:
+    """The checkpoint's network with its weights, on `device`, in eval mode."""
+    model = UNet(UNetConfig.from_dict(state["model_config"])).to(device)
+    load_weights(model, state)
+    return model.eval()

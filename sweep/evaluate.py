@@ -20,17 +20,11 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.mixture import load_sources
 from data.sources import DataError
-from model.unet import ConfigError, UNet, UNetConfig
-from sweep.checkpoint import CheckpointError, load_checkpoint, load_weights
+from model.unet import ConfigError
+from sweep.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sweep.device import choose_fast_path, pick_device
 from sweep.plots import plot_separations
 from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
-
-
-def model_from_checkpoint(state: dict, device: torch.device) -> UNet:
-    model = UNet(UNetConfig.from_dict(state["model_config"])).to(device)
-    load_weights(model, state)
-    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from sweep.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_weights,
+    model_from_checkpoint,
     save_checkpoint,
     write_csv,
 )
@@ -237,6 +238,13 @@ def train_epoch(trial: Trial, cfg: TrainConfig, step: Callable[[], torch.Tensor]
     return loss_sum.item() / cfg.steps_per_epoch
 
 
+def scores_on_test(model: UNet, sources: Sources, mixture: str, fast: FastPath,
+                   pairs: int) -> dict:
+    """The test protocol's score, as the metrics of a run's last epoch carry it."""
+    mean, std = test_score(model, sources.test, mixture, fast, pairs)
+    return {"test_mse_mean": mean, "test_mse_std": std, "test_pairs": pairs}
+
+
 def run_trial(
     model_cfg: UNetConfig,
     cfg: TrainConfig,
@@ -277,9 +285,8 @@ def run_trial(
                       "finished" if trial.epoch == cfg.epochs else "running",
         }
         if metrics["status"] == "finished" and cfg.test_pairs:
-            metrics["test_mse_mean"], metrics["test_mse_std"] = test_score(
-                trial.model, sources.test, model_cfg.mixture, fast, cfg.test_pairs)
-            metrics["test_pairs"] = cfg.test_pairs
+            metrics |= scores_on_test(trial.model, sources, model_cfg.mixture, fast,
+                                      cfg.test_pairs)
         metrics["eval_seconds"] = time.perf_counter() - eval_start  # this epoch's scoring
         yield metrics, trial.state(model_cfg, cfg, fast, metrics), trial.model
         if diverged:
@@ -352,6 +359,18 @@ def write_history(history: list[dict], cfg: TrainConfig, out: Path) -> None:
     plot_curve(df, cfg.epochs * cfg.epoch_samples, out / CURVE_FILE)
 
 
+def lacks_test_score(metrics: dict, cfg: TrainConfig) -> bool:
+    """A finished run asked for a test score it has not got (none, or of another size)."""
+    return (metrics.get("status") == "finished" and cfg.test_pairs > 0
+            and metrics.get("test_pairs") != cfg.test_pairs)
+
+
+def print_test_score(metrics: dict) -> None:
+    if "test_mse_mean" in metrics:
+        print(f"test_mse {metrics['test_mse_mean']:.3e} "
+              f"± {metrics['test_mse_std']:.1e} ({metrics['test_pairs']} pairs x 10)")
+
+
 def set_threads(threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -403,9 +422,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"train_loss {metrics['train_loss']:.3e} "
                   f"{metrics['samples_per_s']:.0f} samples/s "
                   f"elapsed {metrics['train_seconds']:.0f}s [{metrics['status']}]")
-            if "test_mse_mean" in metrics:
-                print(f"test_mse {metrics['test_mse_mean']:.3e} "
-                      f"± {metrics['test_mse_std']:.1e} ({cfg.test_pairs} pairs x 10)")
+            print_test_score(metrics)
+        if lacks_test_score(metrics, cfg):  # finished before, without this test score
+            model = model_from_checkpoint(resume, fast.device)
+            metrics = metrics | scores_on_test(model, sources, model_cfg.mixture, fast,
+                                               cfg.test_pairs)
+            history[-1:] = [history_row(metrics, cfg)]  # older checkpoints kept none
+            save_checkpoint({**resume, "metrics": metrics, "history": history}, ckpt_path)
+            write_history(history, cfg, out)
+            print_test_score(metrics)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

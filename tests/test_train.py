@@ -227,6 +227,30 @@ def test_cli_rerun_of_a_finished_run_trains_nothing(cli_run: Path, tmp_path: Pat
     assert (out / CHECKPOINT_FILE).read_bytes() == before
 
 
+def test_cli_rerun_of_a_finished_run_with_test_pairs_scores_it(cli_run: Path, tmp_path: Path,
+                                                               sources: Sources, fast,
+                                                               capsys) -> None:
+    """A run that finished without a test score gets it from the same command with
+    --test-pairs: its weights scored, nothing trained; asked again, nothing changes."""
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out)
+    before = load_checkpoint(out / CHECKPOINT_FILE)
+    assert "test_mse_mean" not in before["metrics"]
+    assert train.main([*CLI_ARGS, "--out", str(out), "--test-pairs", "60"]) == 0
+    stdout = capsys.readouterr().out
+    assert "epoch 2/2" not in stdout and "(60 pairs x 10)" in stdout
+    after = load_checkpoint(out / CHECKPOINT_FILE)
+    mean, std = scoring.test_score(evaluate.model_from_checkpoint(before, fast.device),
+                                   sources.test, before["model_config"]["mixture"], fast, 60)
+    assert after["metrics"] == {**before["metrics"], "test_mse_mean": mean,
+                                "test_mse_std": std, "test_pairs": 60}
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    assert pd.read_csv(out / train.HISTORY_FILE)["test_mse_mean"].iloc[-1] == pytest.approx(mean)
+    scored = (out / CHECKPOINT_FILE).read_bytes()
+    assert train.main([*CLI_ARGS, "--out", str(out), "--test-pairs", "60"]) == 0
+    assert (out / CHECKPOINT_FILE).read_bytes() == scored
+
+
 # --- a checkpoint only resumes under its own config -------------------------------------------
 
 
