@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pairs must be >= 1, got {args.pairs}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.png and args.png.is_dir():  # found now, not after minutes of scoring
+        parser.error(f"--png {args.png} is a directory; give a file path")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -60,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     beside = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     png = args.png or beside / "separation.png"
     rows = separation_rows(model, sources.test, mixture, fast, n=6)
-    plot_separations(rows, png, f"{params:,} params, test MSE {mean:.2e}")
+    try:
+        plot_separations(rows, png, f"{params:,} params, test MSE {mean:.2e}")
+    except OSError as e:  # the score is printed above; only the picture is missing
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"png: {png}")
     return 0
 

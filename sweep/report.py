@@ -162,11 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment directory (default runs/sweep)")
     parser.add_argument("--out", type=Path, default=Path("results/report.csv"))
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory; give a file path")
     if not args.experiment.is_dir() or not any(args.experiment.glob("experiment_state*.json")):
         print(f"error: {args.experiment} is not a sweep's experiment directory "
               "(no experiment_state*.json in it)", file=sys.stderr)
         return 2
-    df = write_report(load_trials(args.experiment), args.out)
+    try:
+        trials = load_trials(args.experiment)
+    except (KeyError, TypeError, ValueError) as e:  # Tune's state file, damaged or foreign
+        print(f"error: {args.experiment}: Ray Tune cannot read its experiment state "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    try:
+        df = write_report(trials, args.out)
+    except OSError as e:  # a full disk, say: the message names the file and what is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{len(df)} trials -> {args.out}")
     print(df["status"].value_counts().to_string())
     return 0

@@ -223,6 +223,12 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
 def test_report_cli_refuses_a_directory_that_is_no_experiment(tmp_path, capsys):
     assert report_cli.main([str(tmp_path)]) == 2
     assert "not a sweep's experiment directory" in capsys.readouterr().err
+    (tmp_path / "experiment_state-2026.json").write_text("{}")  # foreign: Tune cannot read it
+    assert report_cli.main([str(tmp_path), "--out", str(tmp_path / "r.csv")]) == 2
+    assert "Ray Tune cannot read its experiment state" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        report_cli.main([str(tmp_path), "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gpus, gpus_per_trial", [("4", "1"), ("2", "0.5")])

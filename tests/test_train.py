@@ -539,7 +539,8 @@ def test_evaluate_refuses_a_foreign_file(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("flags, phrase", [(["--threads", "-1"], "--threads must be >= 0"),
-                                           (["--pairs", "0"], "--pairs must be >= 1")])
+                                           (["--pairs", "0"], "--pairs must be >= 1"),
+                                           (["--png", "/"], "--png / is a directory")])
 def test_evaluate_bad_flag_is_one_usage_line_exit_2(tmp_path: Path, capsys, flags,
                                                     phrase) -> None:
     with pytest.raises(SystemExit) as exit_:
