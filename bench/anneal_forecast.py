@@ -33,7 +33,7 @@ from sweep.train import build_trial, check_resumable, make_step_fn, split_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--samples", type=int, default=32_000,
                         help="training samples over which the learning rate falls")

@@ -76,7 +76,7 @@ def idle_slot_seconds(trials: list[TrialTimes], slots: int, t0: float, t1: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--samples-per-epoch", type=int, default=4096)
     parser.add_argument("--max-epochs", type=int, default=2)

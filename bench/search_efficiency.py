@@ -85,7 +85,7 @@ def compare(traces: dict[str, list[tuple[float, float]]], budget: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--budget", type=float, default=480, help="seconds per sweep")
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--samples-per-epoch", type=int, default=2048)

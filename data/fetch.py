@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line; raises _UsageError on a bad one."""
-    parser = _Parser(description="Load MNIST and Fashion-MNIST, verify them, fill the cache.")
+    parser = _Parser(description="Load MNIST and Fashion-MNIST, verify them, fill the cache.",
+                     allow_abbrev=False)
     parser.add_argument(
         "--cache-dir",
         type=Path,

@@ -28,7 +28,7 @@ from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("checkpoint", type=Path, help="checkpoint.pt or its directory")
     parser.add_argument("--pairs", type=int, default=TEST_PAIRS,
                         help="pairs per test set (default %(default)s, the protocol)")

@@ -157,7 +157,7 @@ def load_trials(experiment: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("experiment", nargs="?", type=Path, default=Path("runs/sweep"),
                         help="experiment directory (default runs/sweep)")
     parser.add_argument("--out", type=Path, default=Path("results/report.csv"))

@@ -106,7 +106,7 @@ def local_dir(text: str) -> Path:
 
 def parse_args(argv: list[str] | None) -> SweepConfig:
     d = SweepConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default=d.name, help="experiment name (default %(default)s)")

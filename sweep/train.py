@@ -327,7 +327,7 @@ def summary(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path, default=None,

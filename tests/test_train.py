@@ -401,6 +401,8 @@ def test_bad_config_flag_is_one_error_line_exit_2(argv, phrase, tmp_path: Path, 
 @pytest.mark.parametrize("argv, phrase", [
     (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    # No abbreviations: `--epoch 5` must not pass as --epochs in a command that resumes.
+    (["--epoch", "5"], "unrecognized arguments: --epoch 5"),
 ])
 def test_bad_flag_is_a_usage_error_exit_2(argv, phrase, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
