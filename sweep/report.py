@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.unet import ConfigError, UNetConfig, params_of, train_flops_per_sample
-from sweep.checkpoint import CHECKPOINT_FILE, write_csv
+from sweep.checkpoint import CHECKPOINT_FILE
+from sweep.files import write_csv
 from sweep.plots import plot_pareto
 from sweep.train import split_config
 

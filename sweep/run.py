@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
-from sweep.checkpoint import atomic_write
+from sweep.files import atomic_write
 from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")

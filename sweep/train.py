@@ -42,9 +42,9 @@ from sweep.checkpoint import (
     load_weights,
     model_from_checkpoint,
     save_checkpoint,
-    write_csv,
 )
 from sweep.device import FastPath, choose_fast_path, pick_device
+from sweep.files import write_csv
 from sweep.plots import plot_curve
 from sweep.scoring import test_score, val_mse
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -245,14 +246,24 @@ def test_fetch_error_is_one_line_and_exit_2(tmp_path: Path, capsys, argv, phrase
 
 
 def test_fetch_runs_as_a_script_from_a_checkout(first, cache_root: Path, tmp_path: Path) -> None:
+    """A checkout's data/fetch.py runs that checkout's modules, wherever it is run from:
+    here a copy whose `data` says so when imported, while the venv's editable install
+    points at the repo's."""
+    checkout = tmp_path / "checkout"
+    for package in ("data", "sweep"):
+        shutil.copytree(REPO / package, checkout / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    init = checkout / "data" / "__init__.py"
+    init.write_text(init.read_text() + "\nprint('data from the copy')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, str(REPO / "data" / "fetch.py"), "--cache-dir", str(cache_root)],
-        cwd=tmp_path,  # not the repo, so only the script's own path set-up can find `data`
+        [sys.executable, str(checkout / "data" / "fetch.py"), "--cache-dir", str(cache_root)],
+        cwd=tmp_path,  # not a checkout: only the script's own path set-up finds its `data`
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2
+    assert result.stdout.splitlines()[0] == "data from the copy", result.stdout
+    assert len(result.stdout.splitlines()) == 3

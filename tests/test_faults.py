@@ -27,14 +27,9 @@ from test_sweep import REPO, results, sweep_args
 from model.unet import params_of, preset
 from sweep import report as report_cli
 from sweep import run, trainable
-from sweep.checkpoint import (
-    CHECKPOINT_FILE,
-    CheckpointError,
-    atomic_write,
-    load_checkpoint,
-    save_checkpoint,
-)
+from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import choose_fast_path
+from sweep.files import atomic_write
 from sweep.report import COLUMNS, build_report
 from sweep.space import SMALLEST
 from sweep.space import space as real_space
