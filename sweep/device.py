@@ -31,7 +31,11 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {requested!r}: torch sees no CUDA GPU on this machine")
-    return torch.device(requested)
+    device = torch.device(requested)
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise ConfigError(f"device {requested!r}: torch sees {count} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def cpu_flags() -> set[str]:

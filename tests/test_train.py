@@ -25,7 +25,7 @@ from data.mixture import Sources, fixed_indices
 from model.unet import ConfigError, UNet, preset
 from sweep import evaluate, scoring, train
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from sweep.device import choose_fast_path
+from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import val_mse
 from sweep.train import TrainConfig, check_resumable, run_trial
 
@@ -423,6 +423,16 @@ def test_bad_device_is_one_error_line_exit_2(device: str, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert repr(device) in err or f"device {device}" in err, err  # names what was refused
+
+
+def test_a_gpu_number_past_the_machines_is_refused(monkeypatch) -> None:
+    # A machine with 2 GPUs, as torch would report it; torch itself would fail later, in
+    # get_device_name, with a bare AssertionError.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"'cuda:2': torch sees 2 CUDA GPU\(s\), cuda:0 to"):
+        pick_device("cuda:2")
 
 
 # --- checkpoint files -------------------------------------------------------------------------
