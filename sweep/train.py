@@ -182,11 +182,15 @@ def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in differ)
         raise ConfigError(f"the checkpoint was trained with another config ({changes})")
-    trained_on = state.get("fast_path", {}).get("device", "cpu")  # older ones: CPU only
-    if trained_on != fast.device.type:
+    if (trained_on := device_kind(state)) != fast.device.type:
         raise ConfigError(f"the checkpoint was trained on {trained_on}, this run would use "
                           f"{fast.device.type}; continue it where torch sees {trained_on} "
                           f"(--device {trained_on})")
+
+
+def device_kind(state: dict) -> str:
+    """The kind of device a checkpoint trained on: "cpu" or "cuda"."""
+    return state.get("fast_path", {}).get("device", "cpu")  # older ones: CPU only
 
 
 def precision_note(state: dict, fast: FastPath) -> str:

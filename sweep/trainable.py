@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -17,8 +18,9 @@ from tensorboardX import SummaryWriter
 from data.mixture import Sources, load_sources
 from model.unet import ConfigError, params_of
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from sweep.device import FastPath
 from sweep.scoring import separation_rows
-from sweep.train import precision_note, run_trial, split_config
+from sweep.train import TrainConfig, device_kind, precision_note, run_trial, split_config
 
 
 def trial_dir_name(trial_id: str) -> str:
@@ -100,6 +102,21 @@ def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
     tune.report(stamped, checkpoint=checkpoint)
 
 
+def fast_path_to_resume(fast: FastPath, cfg: TrainConfig,
+                        resume: dict | None) -> tuple[FastPath, str]:
+    """Where a trial runs: on `fast`, the machine's own path, unless it resumes a checkpoint
+    from another kind of device (a sweep resumed on other machines). Its stream of random
+    pairs lives on the device it began on, so it goes on there: on the CPU, which every
+    machine has, with a note; a trial begun on CUDA cannot go on without (ConfigError)."""
+    if resume is None or (began_on := device_kind(resume)) == fast.device.type:
+        return fast, ""
+    if began_on != "cpu":
+        raise ConfigError(f"it began on {began_on}, which torch does not see on this "
+                          f"machine; resume the sweep where there is {began_on}")
+    return (replace(cfg, device="cpu").fast_path(),
+            "it began on cpu and goes on there, where its random pairs are drawn")
+
+
 def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
     model_cfg, cfg = split_config(config)
     params = params_of(model_cfg)
@@ -115,10 +132,15 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
                 "reason": f"{params} params > --max-params {max_params}"})
         return
 
-    fast = cfg.fast_path()
-    sources = sources_on(fast.device)
     resume, resume_file, note = newest_good_checkpoint(trial_dir)
-    if resume and (changed := precision_note(resume, fast)):
+    try:
+        fast, moved = fast_path_to_resume(cfg.fast_path(), cfg, resume)
+    except ConfigError as e:
+        end_with_error(f"cannot go on from {resume_file.parent.name} "
+                       f"(epoch {resume['epoch']}): {e}")
+        return
+    sources = sources_on(fast.device)
+    if resume and (changed := moved or precision_note(resume, fast)):
         note = f"{note}; {changed}"
     where["resumed_from_epoch"] = resume["epoch"] if resume else 0
     if note:  # in the first result only: the driver prints it

@@ -24,16 +24,16 @@ import pytest
 import torch
 from test_sweep import REPO, results, sweep_args
 
-from model.unet import params_of, preset
+from model.unet import ConfigError, params_of, preset
 from sweep import report as report_cli
 from sweep import run, trainable
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from sweep.device import choose_fast_path
+from sweep.device import FastPath, choose_fast_path
 from sweep.files import atomic_write
 from sweep.report import COLUMNS, build_report
 from sweep.space import SMALLEST
 from sweep.space import space as real_space
-from sweep.train import TrainConfig, run_trial
+from sweep.train import TrainConfig, check_resumable, run_trial, split_config
 
 RUN_PY = REPO / "sweep" / "run.py"
 
@@ -394,6 +394,28 @@ def test_resume_takes_the_latest_epoch_whatever_the_directory_is_called(sources,
     state, path, note = trainable.newest_good_checkpoint(tmp_path)
     assert state["epoch"] == 2 and path == first
     assert note == "resumed from checkpoint_000000 (epoch 2)"
+
+
+def test_a_sweep_resumed_on_another_kind_of_device_goes_on_where_each_trial_began(sources,
+                                                                                 tmp_path):
+    """A sweep begun on CPUs resumed on a GPU machine, and the reverse: a trial's stream of
+    random pairs lives on its device, so it goes on there (CPU), or ends saying where it
+    can go on (CUDA on a machine without)."""
+    _, checkpoint = saved_checkpoint(sources, tmp_path)
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig(device="auto")
+    cpu = choose_fast_path(torch.device("cpu"))
+    gpu = FastPath(torch.device("cuda"), bf16=True, channels_last=True, reason="a GPU machine")
+    assert trainable.fast_path_to_resume(cpu, cfg, state) == (cpu, "")
+    assert trainable.fast_path_to_resume(gpu, cfg, None) == (gpu, "")  # a fresh trial
+    fast, note = trainable.fast_path_to_resume(gpu, cfg, state)
+    assert fast.device == torch.device("cpu") and note.startswith("it began on cpu")
+    # The trial then continues exactly as on its own machine: check_resumable agrees.
+    check_resumable(state, *split_config({**state["model_config"], **state["train_config"]}),
+                    fast)
+    on_gpu = {**state, "fast_path": {**state["fast_path"], "device": "cuda"}}
+    with pytest.raises(ConfigError, match="it began on cuda, which torch does not see"):
+        trainable.fast_path_to_resume(cpu, cfg, on_gpu)
 
 
 # --- trials that raise or diverge --------------------------------------------------------------
