@@ -111,9 +111,8 @@ def load_images(
     cache = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
     if idx_dir is not None:
         # The caller chose these files, so a bad one is an error, never a reason to look elsewhere.
-        arrays = read_idx_dir(
-            Path(idx_dir), name, fix=f"pass a directory holding the {name} files {_idx_wanted()}"
-        )
+        fix = f"Fix: pass a directory holding the {name} files {_idx_wanted()}"
+        arrays = read_idx_dir(Path(idx_dir), name, fix)
         images = Images(name, arrays["train"], arrays["test"], f"IDX files in {idx_dir}")
     else:
         if not refresh and all(_cache_file(cache, split).exists() for split in SPLITS):
@@ -171,11 +170,11 @@ def sha256(images: np.ndarray) -> str:
 def read_idx_dir(directory: Path, name: str, fix: str) -> Arrays:
     """Read and verify both IDX image files (plain or .gz) in `directory`."""
     if not directory.is_dir():
-        raise DataError(f"{directory}: not a directory. Fix: {fix}")
+        raise DataError(f"{directory}: not a directory. {fix}")
     # Find both files before parsing either, so a missing one is reported without a slow read.
     paths = {split: find_idx_file(directory, split, fix) for split in SPLITS}
     return {
-        split: verify(read_idx_file(path, split, fix), name, split, str(path), f"Fix: {fix}")
+        split: verify(read_idx_file(path, split, fix), name, split, str(path), fix)
         for split, path in paths.items()
     }
 
@@ -186,7 +185,7 @@ def find_idx_file(directory: Path, split: str, fix: str) -> Path:
     for path in (directory / stem, directory / f"{stem}.gz"):
         if path.is_file():
             return path
-    raise DataError(f"{directory / stem}: missing (neither {stem} nor {stem}.gz). Fix: {fix}")
+    raise DataError(f"{directory / stem}: missing (neither {stem} nor {stem}.gz). {fix}")
 
 
 def read_idx_file(path: Path, split: str, fix: str) -> np.ndarray:
@@ -198,8 +197,8 @@ def read_idx_file(path: Path, split: str, fix: str) -> np.ndarray:
             data = f.read(limit)
     except (OSError, EOFError, zlib.error) as e:
         # gzip reports truncation as EOFError and a damaged stream as BadGzipFile or zlib.error.
-        raise DataError(f"{path}: unreadable or truncated ({e}). Fix: {fix}") from None
-    return parse_idx(data, split, str(path), f"Fix: {fix}")
+        raise DataError(f"{path}: unreadable or truncated ({e}). {fix}") from None
+    return parse_idx(data, split, str(path), fix)
 
 
 def idx_size(split: str) -> int:
@@ -336,7 +335,7 @@ def load_debian_fashion(name: str = "fashion-mnist") -> tuple[Arrays, str]:
         raise DataError(
             f"Debian package dataset-fashion-mnist: not installed ({DEBIAN_FASHION_DIR})"
         )
-    fix = "apt-get install --reinstall dataset-fashion-mnist"
+    fix = "Fix: apt-get install --reinstall dataset-fashion-mnist"
     arrays = read_idx_dir(DEBIAN_FASHION_DIR, name, fix)
     return arrays, f"Debian package dataset-fashion-mnist ({DEBIAN_FASHION_DIR})"
 

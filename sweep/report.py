@@ -39,7 +39,7 @@ def trial_status(tune_status: str, result: dict) -> str:
         return "error"
     if tune_status == "TERMINATED":
         # "error": the trial caught a failure that a retry cannot fix (see trainable.py)
-        if ours in ("finished", "diverged", "skipped", "error"):
+        if ours in ("finished", "diverged", "error"):
             return ours
         return "stopped early"  # ASHA cut it, or the time budget ran out
     return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(

@@ -289,8 +289,9 @@ def save_final_states(experiment: Path, trials) -> None:
     """Write the driver's final trial states over stale ones in the saved experiment.
 
     Ray 2.60 does not snapshot a trial whose worker died for the last time: its state
-    stays RUNNING on disk (TuneController._schedule_trial_stop returns before marking the
-    trial when its actor is gone), and report.py or a resume would read it as unfinished.
+    stays RUNNING on disk (TuneController._schedule_trial_stop sets it ERROR but returns,
+    its actor gone, before marking the trial for the next snapshot), and report.py or a
+    resume would read it as unfinished.
     """
     states = sorted(experiment.glob("experiment_state-*.json"))
     if not states:
@@ -408,8 +409,7 @@ def build_tuner(c: SweepConfig, progress):
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial if has_gpus else 0}
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, experiment=str(c.experiment),
-                             max_params=c.max_params or None), resources)
+        tune.with_parameters(tune_trial, experiment=str(c.experiment)), resources)
     run_config = tune.RunConfig(
         name=c.name,
         storage_path=str(c.storage.resolve()),

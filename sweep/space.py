@@ -61,7 +61,7 @@ def fit_budget(model: dict, max_params: int | None) -> dict:
     for smaller in shrink_steps(model):
         if params_of(UNetConfig(**smaller)) <= max_params:
             return smaller
-    return smaller  # the trial will report "skipped"
+    return smaller  # SMALLEST, which fits: run.py refuses a --max-params below it
 
 
 def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:

@@ -7,8 +7,8 @@ The same code runs alone and inside a sweep:
 
 Beside its checkpoint a run keeps metrics.csv (a row per epoch) and curve.png.
 
-`run_trial` is a generator: it yields (metrics, checkpoint) after every epoch, and the
-caller decides where they go (this CLI: a file and stdout; the sweep: `tune.report`).
+`run_trial` is a generator: it yields (metrics, checkpoint, model) after every epoch, and
+the caller decides where they go (this CLI: a file and stdout; the sweep: `tune.report`).
 Resuming is one branch: pass the last checkpoint back in.
 """
 

@@ -71,7 +71,7 @@ def out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-def tune_trial(config: dict, experiment: str, max_params: int | None = None) -> None:
+def tune_trial(config: dict, experiment: str) -> None:
     """A trial under Tune. A config that cannot be built or a model that does not fit in
     memory fails the same way on every attempt: it ends with status "error" and the reason,
     instead of being retried (Tune retries a dead worker, FailureConfig in run.py)."""
@@ -80,7 +80,7 @@ def tune_trial(config: dict, experiment: str, max_params: int | None = None) -> 
     torch.set_num_threads(max(1, math.floor(cpus)))
     try:
         trial_dir = Path(experiment) / trial_dir_name(tune.get_context().get_trial_id())
-        train_trial(config, trial_dir, max_params)
+        train_trial(config, trial_dir)
     except ConfigError as e:
         end_with_error(f"config cannot be built: {e}")
     except Exception as e:
@@ -117,7 +117,7 @@ def fast_path_to_resume(fast: FastPath, cfg: TrainConfig,
             "it began on cpu and goes on there, where its random pairs are drawn")
 
 
-def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
+def train_trial(config: dict, trial_dir: Path) -> None:
     model_cfg, cfg = split_config(config)
     params = params_of(model_cfg)
     where = {
@@ -127,10 +127,6 @@ def train_trial(config: dict, trial_dir: Path, max_params: int | None) -> None:
         "node": ray.get_runtime_context().get_node_id()[:12],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
-    if max_params is not None and params > max_params:
-        report({**where, "status": "skipped", "epoch": 0, "val_mse": math.nan,
-                "reason": f"{params} params > --max-params {max_params}"})
-        return
 
     resume, resume_file, note = newest_good_checkpoint(trial_dir)
     try:
