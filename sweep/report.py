@@ -70,7 +70,7 @@ def error_line(trial) -> str:
 
 
 @functools.cache
-def flops_of(model_cfg: UNetConfig) -> int:
+def cached_flops(model_cfg: UNetConfig) -> int:
     """Counted here, once per config, not in the trials: torch's FLOP counter costs ~3 s the
     first time a process uses it (it imports torch._dynamo), which every worker paid."""
     return train_flops_per_sample(model_cfg)
@@ -83,7 +83,7 @@ def config_size(config: dict) -> tuple[int | None, int | None]:
         model = split_config(config)[0]
     except (ConfigError, TypeError, ValueError):  # an unbuildable config: no count
         return None, None
-    return params_of(model), flops_of(model)
+    return params_of(model), cached_flops(model)
 
 
 def trial_record(trial, tune_status: str | None = None) -> dict:

@@ -387,7 +387,7 @@ def concurrency(c: SweepConfig) -> int:
     return max(1, min(c.trials, math.floor(fits + 1e-9)))
 
 
-def trial_dirname(trial) -> str:
+def name_trial_dir(trial) -> str:
     from sweep.trainable import trial_dir_name  # where trials look for their checkpoints
 
     return trial_dir_name(trial.trial_id)
@@ -458,7 +458,7 @@ def build_tuner(c: SweepConfig, progress):
         search_alg=search, scheduler=scheduler, num_samples=c.trials,
         max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,
         # A worker goes on to the next trial: no new process, torch import or data load.
-        reuse_actors=True, trial_dirname_creator=trial_dirname)
+        reuse_actors=True, trial_dirname_creator=name_trial_dir)
     c.experiment.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(sweep_settings(c), indent=1).encode()
     atomic_write(c.experiment / SETTINGS_FILE, lambda f: f.write(settings))

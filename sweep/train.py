@@ -33,8 +33,15 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.mixture import Sources, load_sources, make_batch, random_indices
 from data.sources import DataError
-from model.unet import PRESETS, ConfigError, UNet, UNetConfig, count_params, preset
-from model.unet import train_flops_per_sample as flops_of
+from model.unet import (
+    PRESETS,
+    ConfigError,
+    UNet,
+    UNetConfig,
+    count_params,
+    preset,
+    train_flops_per_sample,
+)
 from sweep.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -326,7 +333,7 @@ def summary(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> str:
              f"fast path: bf16={fast.bf16} channels_last={fast.channels_last} "
              f"({fast.device}; {fast.reason})",
              f"params: {count_params(UNet(model_cfg))}",
-             f"train_flops_per_sample: {flops_of(model_cfg)}"]
+             f"train_flops_per_sample: {train_flops_per_sample(model_cfg)}"]
     return "\n".join(lines)
 
 
