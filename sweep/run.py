@@ -393,15 +393,13 @@ def name_trial_dir(trial) -> str:
     return trial_dir_name(trial.trial_id)
 
 
-def build_tuner(c: SweepConfig, progress):
+def build_tuner(c: SweepConfig):
+    """The sweep's Tuner: restored from the experiment if there is one, else a new one."""
     # Snapshot the experiment every 2 s (Tune's default: 10 s or more). A killed driver
     # resumes from the last snapshot; trials also pick up newer checkpoints from disk.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from sweep.trainable import tune_trial
 
@@ -410,19 +408,22 @@ def build_tuner(c: SweepConfig, progress):
     resources = {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial if has_gpus else 0}
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, experiment=str(c.experiment)), resources)
-    run_config = tune.RunConfig(
-        name=c.name,
-        storage_path=str(c.storage.resolve()),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),  # a worker died
-        callbacks=[progress],
-        verbose=0,
-    )
     if tune.Tuner.can_restore(str(c.experiment)):
         print(f"resuming the sweep in {c.experiment}")
-        # The search space, the Optuna study and the trial count come back from the
-        # experiment; finished trials are kept, interrupted ones continue from checkpoints.
+        # The search space, the Optuna study, the trial count and the run config (the
+        # progress callback too) come back from the experiment's tuner.pkl; finished trials
+        # are kept, interrupted ones continue from their checkpoints.
         return tune.Tuner.restore(str(c.experiment), trainable, resume_errored=True)
+    return new_tuner(c, trainable)
+
+
+def new_tuner(c: SweepConfig, trainable):
+    """A new sweep's Tuner (Optuna's search, ASHA, the budget, the progress callback), and
+    its settings file, which a resume is checked against (check_same_sweep)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
 
     constants = {"epochs": c.max_epochs, "samples_per_epoch": c.samples_per_epoch,
                  "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed}
@@ -459,6 +460,14 @@ def build_tuner(c: SweepConfig, progress):
         max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,
         # A worker goes on to the next trial: no new process, torch import or data load.
         reuse_actors=True, trial_dirname_creator=name_trial_dir)
+    run_config = tune.RunConfig(
+        name=c.name,
+        storage_path=str(c.storage.resolve()),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),  # a worker died
+        callbacks=[make_progress(c)],
+        verbose=0,
+    )
     c.experiment.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(sweep_settings(c), indent=1).encode()
     atomic_write(c.experiment / SETTINGS_FILE, lambda f: f.write(settings))
@@ -583,7 +592,7 @@ def sweep_under_lock(c: SweepConfig) -> int:
     start_ray(c)
     try:
         check_fits(c)
-        tuner = build_tuner(c, make_progress(c))
+        tuner = build_tuner(c)
         print(f"settings: {asdict(c)}")
         grid = tuner.fit()
         # The trials as the driver saw them end; the saved experiment can lag (below).
