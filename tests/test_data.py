@@ -182,8 +182,9 @@ def test_bad_idx_dir_is_refused_and_nothing_cached(first, tmp_path: Path, case: 
 def test_idx_dir_of_the_wrong_dataset_is_refused(first, tmp_path: Path) -> None:
     for split, arr in split_arrays(first["fashion-mnist"]).items():
         write_file(tmp_path / STEMS[split], idx_bytes(arr))
-    with pytest.raises(DataError, match="checksum mismatch for mnist train"):
+    with pytest.raises(DataError, match="checksum mismatch for mnist train") as err:
         load_mnist(idx_dir=tmp_path, cache_dir=tmp_path / "cache")
+    assert str(err.value).startswith(f"{tmp_path / STEMS['train']}: ")  # names the file
     assert not (tmp_path / "cache").exists()
 
 

@@ -24,7 +24,13 @@ from torch import nn
 from data.mixture import Sources, fixed_indices
 from model.unet import ConfigError, UNet, preset
 from sweep import evaluate, scoring, train
-from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from sweep.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from sweep.device import choose_fast_path, pick_device
 from sweep.scoring import val_mse
 from sweep.train import TrainConfig, check_resumable, run_trial
@@ -240,7 +246,7 @@ def test_cli_rerun_of_a_finished_run_with_test_pairs_scores_it(cli_run: Path, tm
     stdout = capsys.readouterr().out
     assert "epoch 2/2" not in stdout and "(60 pairs x 10)" in stdout
     after = load_checkpoint(out / CHECKPOINT_FILE)
-    mean, std = scoring.test_score(evaluate.model_from_checkpoint(before, fast.device),
+    mean, std = scoring.test_score(model_from_checkpoint(before, fast.device),
                                    sources.test, before["model_config"]["mixture"], fast, 60)
     assert after["metrics"] == {**before["metrics"], "test_mse_mean": mean,
                                 "test_mse_std": std, "test_pairs": 60}
@@ -359,6 +365,20 @@ def test_huge_lr_diverges_without_raising(sources: Sources, fast) -> None:
     assert metrics["status"] == "diverged" and metrics["epoch"] == 1
     assert not math.isfinite(metrics["train_loss"]) and math.isnan(metrics["val_mse"])
     assert state["metrics"]["status"] == "diverged"
+
+
+def test_a_nan_loss_ends_the_epoch_within_50_steps(fast) -> None:
+    """Divergence is noticed mid-epoch (every 50 steps), not after a whole wasted epoch."""
+    cfg = TrainConfig(epochs=1, samples_per_epoch=64 * 500, threads=1)
+    trial = train.build_trial(preset("tiny"), cfg, fast)
+    steps = []
+
+    def nan_step() -> torch.Tensor:
+        steps.append(1)
+        return torch.tensor(math.nan)
+
+    assert math.isnan(train.train_epoch(trial, cfg, nan_step, log=None))
+    assert len(steps) == 50 < cfg.steps_per_epoch
 
 
 # --- the CLI ----------------------------------------------------------------------------------
@@ -527,15 +547,22 @@ def test_missing_empty_or_garbage_checkpoint_is_refused(tmp_path: Path, content:
 # --- evaluate.py ------------------------------------------------------------------------------
 
 
-def test_evaluate_scores_a_checkpoint_and_draws_a_png(cli_run: Path, tmp_path: Path) -> None:
+def test_evaluate_scores_a_checkpoint_and_draws_a_png(cli_run: Path, tmp_path: Path,
+                                                     sources: Sources, fast) -> None:
     png = tmp_path / "out" / "sep.png"
     result = run_cli(EVALUATE_PY, str(cli_run / CHECKPOINT_FILE), "--pairs", "500",
                      "--png", str(png), "--threads", "1")
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stdout.splitlines() if line.startswith("test_mse: ")]
     score = float(line.split()[1])
-    # The tiny model trained briefly: better than predicting zeros, far from perfect.
+    # The tiny model trained briefly: better than predicting zeros, far from perfect ...
     assert 0.001 < score < 0.1
+    # ... and exactly the protocol's score on the test split with the pairs asked for.
+    state = load_checkpoint(cli_run / CHECKPOINT_FILE)
+    model = model_from_checkpoint(state, fast.device)
+    mean, _ = scoring.test_score(model, sources.test, state["model_config"]["mixture"], fast,
+                                 500)
+    assert score == pytest.approx(mean, rel=1e-3)
     assert "sets of 500 pairs" in line and "epoch 2" in result.stdout
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
