@@ -183,18 +183,18 @@ def first_rung(samples_per_epoch: int, max_epochs: int) -> int:
 def check(c: SweepConfig) -> None:
     """Cross-flag checks argparse cannot do alone."""
     if c.gpus and c.gpus_per_trial > c.gpus:
-        raise UsageError(f"--gpus-per-trial {c.gpus_per_trial} is more than --gpus {c.gpus}")
+        raise UsageError(f"--gpus-per-trial {c.gpus_per_trial:g} is more than --gpus {c.gpus:g}")
     if c.cpus is not None and c.cpus_per_trial > c.cpus:
-        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than --cpus {c.cpus}")
+        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial:g} is more than --cpus {c.cpus:g}")
     if not c.address and c.cpus is None and c.cpus_per_trial > (os.cpu_count() or 1):
         # Ray would accept it and no trial would ever start.
-        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than the "
+        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial:g} is more than the "
                          f"{os.cpu_count()} CPUs of this machine")
     if not c.address and c.gpus:
         import torch
 
         if torch.cuda.is_available() and c.gpus > torch.cuda.device_count():
-            raise UsageError(f"--gpus {c.gpus} is more than the {torch.cuda.device_count()} "
+            raise UsageError(f"--gpus {c.gpus:g} is more than the {torch.cuda.device_count()} "
                              "GPUs of this machine (logical GPUs only where there is none)")
     if c.samples_per_epoch < max(BATCH_SIZES):
         raise UsageError(f"--samples-per-epoch {c.samples_per_epoch} is less than the largest "
@@ -369,10 +369,10 @@ def check_fits(c: SweepConfig) -> None:
     cpus = max((n.get("CPU", 0) for n in nodes), default=0)
     gpus = max((n.get("GPU", 0) for n in nodes), default=0)
     if c.cpus_per_trial > cpus:
-        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial} is more than any node has "
+        raise UsageError(f"--cpus-per-trial {c.cpus_per_trial:g} is more than any node has "
                          f"({cpus:g} CPUs at most)")
     if gpus and c.gpus_per_trial > gpus:
-        raise UsageError(f"--gpus-per-trial {c.gpus_per_trial} is more than any node has "
+        raise UsageError(f"--gpus-per-trial {c.gpus_per_trial:g} is more than any node has "
                          f"({gpus:g} GPUs at most)")
 
 

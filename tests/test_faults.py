@@ -621,7 +621,7 @@ def test_more_gpus_than_the_machine_has_is_refused(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert run.main(sweep_args(tmp_path, "--gpus", "4")) == 2
     assert capsys.readouterr().err.strip() == (
-        "error: --gpus 4.0 is more than the 2 GPUs of this machine (logical GPUs only where "
+        "error: --gpus 4 is more than the 2 GPUs of this machine (logical GPUs only where "
         "there is none)")
     assert not (tmp_path / "runs").exists()
 

@@ -258,7 +258,7 @@ def test_logical_gpus_bound_concurrency(tmp_path, gpus, gpus_per_trial):
     assert max(on_one_device) == round(1 / float(gpus_per_trial))
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -268,6 +268,10 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     try:
         argv = sweep_args(tmp_path, "--address", cluster.address, "--trials", "4",
                           "--samples-per-epoch", "2048", "--max-epochs", "1")
+        # A trial no node can hold (2 CPUs; each node has 1) is refused, not left waiting.
+        assert run.main([*argv, "--cpus-per-trial", "2"]) == 2
+        assert "--cpus-per-trial 2 is more than any node has" in capsys.readouterr().err
+        assert not list((tmp_path / "runs" / "sweep").glob("trial_*"))
         assert run.main(argv) == 0
     finally:
         ray.shutdown()
