@@ -591,13 +591,18 @@ def test_evaluate_bad_flag_is_one_usage_line_exit_2(tmp_path: Path, capsys, flag
 
 
 def test_anneal_forecast_scores_a_copy_and_leaves_the_checkpoint_as_it_was(
-        cli_run: Path) -> None:
-    checkpoint = cli_run / CHECKPOINT_FILE
+        sources: Sources, fast, tmp_path: Path) -> None:
+    # Midway through its schedule (epoch 1 of 4, the rate still high), as the long run's.
+    cfg = TrainConfig(epochs=4, samples_per_epoch=2048, val_pairs=500, threads=1)
+    _, state, _ = next(run_trial(preset("tiny"), cfg, sources, fast))
+    checkpoint = tmp_path / CHECKPOINT_FILE
+    save_checkpoint(state, checkpoint)
     before = checkpoint.read_bytes()
     result = run_cli(REPO / "bench" / "anneal_forecast.py", str(checkpoint),
                      "--samples", "1024", "--threads", "1")
     assert result.returncode == 0, result.stderr
-    assert "epoch 2, val_mse" in result.stdout and "over 16 steps of 64" in result.stdout
+    assert "epoch 1, val_mse" in result.stdout and "over 16 steps of 64" in result.stdout
     [line] = [line for line in result.stdout.splitlines() if line.startswith("annealed_val_mse: ")]
-    assert 0.001 < float(line.split()[1]) < 0.1  # trained briefly: far from perfect
+    # The copy trained on: the same val pairs score better once the rate has come down.
+    assert float(line.split()[1]) < state["metrics"]["val_mse"]
     assert checkpoint.read_bytes() == before  # a forecast must never touch the run
