@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -574,6 +575,19 @@ def fill_data_cache() -> None:
         print(f"data: {images.name} from {images.source}")
 
 
+def fit_noting_ctrl_c(tuner):
+    """tuner.fit(), and whether a Ctrl-C (SIGINT) ended it. Tune catches the signal itself:
+    it stops the trials, saves the experiment once more, returns, and puts back the
+    handler it found; a fit that ends on its own leaves Tune's handler in place. Telling
+    the two apart matters between trials, where nothing is left running to show it."""
+    # Tune's graceful stop is what makes Ctrl-C resumable; with it off, Ctrl-C would
+    # raise out of fit() with no final snapshot.
+    os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+    before = signal.getsignal(signal.SIGINT)
+    grid = tuner.fit()
+    return grid, signal.getsignal(signal.SIGINT) is before
+
+
 def sweep(c: SweepConfig) -> int:
     with lock_experiment(c.experiment):  # first: a second driver must change nothing
         return sweep_under_lock(c)
@@ -594,10 +608,12 @@ def sweep_under_lock(c: SweepConfig) -> int:
         check_fits(c)
         tuner = build_tuner(c)
         print(f"settings: {asdict(c)}")
-        grid = tuner.fit()
+        grid, ctrl_c = fit_noting_ctrl_c(tuner)
         # The trials as the driver saw them end; the saved experiment can lag (below).
+        # After a Ctrl-C, not: Tune marks the trials it stopped TERMINATED in memory only,
+        # and its snapshot, where they are still running, is what a resume must see.
         trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
-        if trials:
+        if trials and not ctrl_c:
             save_final_states(experiment, trials)
         else:
             trials = load_trials(experiment)
@@ -619,12 +635,12 @@ def sweep_under_lock(c: SweepConfig) -> int:
               f"  evaluate:   python sweep/evaluate.py {row.checkpoint}")
     print(f"report: {c.report} (and {c.report.with_name('pareto.png')})\n"
           f"tensorboard: tensorboard --logdir {experiment}")
-    if c.time_budget and not unfinished and len(df) < c.trials:
+    if not ctrl_c and c.time_budget and not unfinished and len(df) < c.trials:
         # Tune stopped the running trials and started no more. Its clock is saved with
         # the experiment, so the same command would end at once: say what would go on.
         print(f"time budget used up ({c.time_budget:g} s): {len(df)} of {c.trials} trials "
               "ran; --fresh or another --name starts a new sweep")
-    elif unfinished or len(df) < c.trials:
+    elif ctrl_c or unfinished or len(df) < c.trials:
         print(f"interrupted: {len(df) - unfinished}/{c.trials} trials ended; run the same "
               "command to continue")
         return 130

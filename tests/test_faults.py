@@ -74,15 +74,18 @@ class Watcher(threading.Thread):
 
 class Driver:
     """`python sweep/run.py ARGV` in its own process, as a user runs it. A thread reads its
-    output and can SIGKILL it the instant a line matches (no polling delay)."""
+    output and can SIGKILL it (or send it `sig`) the instant a line matches (no polling
+    delay)."""
 
-    def __init__(self, argv: list[str], kill_on: str | None = None) -> None:
+    def __init__(self, argv: list[str], kill_on: str | None = None,
+                 sig: signal.Signals = signal.SIGKILL) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen([sys.executable, "-u", str(RUN_PY), *argv], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
         self.kill_on = re.compile(kill_on) if kill_on else None
+        self.sig = sig
         self.killed_at: str | None = None
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -91,7 +94,7 @@ class Driver:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
             if self.kill_on and self.killed_at is None and self.kill_on.search(line):
-                self.proc.send_signal(signal.SIGKILL)
+                self.proc.send_signal(self.sig)
                 self.killed_at = line.strip()
 
     @property
@@ -242,6 +245,64 @@ def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_pa
         assert len(runs) == 1, f"trial {trial} trained its epoch {len(runs)} times: {rows}"
     assert kept and all(path.read_bytes() == data for path, data in kept.items())
     assert not list(tmp_path.glob(".report.csv.*")) + list(tmp_path.glob(".pareto.png.*"))
+
+
+def test_ctrl_c_between_and_within_trials_then_the_same_command_goes_on(tmp_path):
+    """Ctrl-C (SIGINT) the driver twice, each time exit 130 and the same command goes on:
+    the instant a trial ends, in a sweep with a time budget (it said the budget was used up
+    and exited 0 when no trial was left running to show otherwise), then mid-trial (that
+    trial was saved as ended, "stopped early", and never continued). In the end every
+    trial has finished; no ended trial trained again, the one stopped mid-trial went on
+    from its newest checkpoint."""
+    experiment, report = tmp_path / "runs" / "sweep", tmp_path / "report.csv"
+    # One trial at a time; 2 epochs of a few seconds each, so a Ctrl-C can land mid-trial.
+    argv = sweep_args(tmp_path, "--trials", "3", "--cpus-per-trial", "2", "--max-epochs", "2",
+                      "--samples-per-epoch", "2048", "--test-pairs", "0", "--no-early-stop",
+                      "--time-budget", "900")
+    interrupted = re.compile(r"^interrupted: [12]/3 trials ended; run the same command to "
+                             r"continue$", re.M)
+
+    def finished() -> dict[str, list[dict]]:
+        return {t: rows for t, rows in results(experiment).items()
+                if rows and rows[-1]["status"] == "finished"}
+
+    # 1. The instant the first trial ends.
+    driver = Driver(argv, kill_on=r" ended \(", sig=signal.SIGINT)
+    code = driver.wait()
+    assert driver.killed_at and code == 130, driver.output[-3000:]
+    assert interrupted.search(driver.output), driver.output[-3000:]
+    assert "time budget used up" not in driver.output
+    ended = finished()
+    assert len(ended) == 1, driver.output[-3000:]
+
+    # 2. Mid-trial: another trial is past its first epoch, not yet through its second.
+    def mid_trial() -> str | None:
+        for trial, rows in results(experiment).items():
+            if trial not in ended and rows and rows[-1]["status"] == "running":
+                return trial
+        return None
+
+    driver = Driver(argv)
+    driver.wait_until(lambda: mid_trial() is not None, "a trial past its first epoch")
+    stopped = mid_trial()
+    driver.proc.send_signal(signal.SIGINT)
+    assert driver.wait() == 130, driver.output[-3000:]
+    assert interrupted.search(driver.output), driver.output[-3000:]
+    assert stopped not in finished(), "it finished before the Ctrl-C: no mid-trial stop"
+    # Tune lets a stopped trial end the step it is in; an epoch it so ends is kept too.
+    newest = newest_epoch_on_disk(experiment / f"trial_{stopped}")
+    assert newest >= 1
+
+    # 3. The same command ends the sweep.
+    driver = Driver(argv)
+    assert driver.wait() == 0, driver.output[-3000:]
+    df = pd.read_csv(report)
+    assert len(df) == 3 and (df["status"] == "finished").all(), df
+    after = results(experiment)
+    for trial, rows in ended.items():  # not trained again
+        assert {(r["epoch"], r["train_seconds"]) for r in after[trial]} == \
+            {(r["epoch"], r["train_seconds"]) for r in rows}
+    assert after[stopped][-1]["resumed_from_epoch"] == newest, after[stopped]
 
 
 # --- a trial's worker killed; its checkpoints damaged ------------------------------------------
