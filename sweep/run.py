@@ -654,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside Tune's graceful stop: start-up, or a second Ctrl-C
+        print("\ninterrupted: run the same command to continue (from the experiment's last "
+              "snapshot, if it has one)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

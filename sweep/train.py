@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, say: the message names the file and what is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is whole (written atomically)
+        where = f"its last epoch ({ckpt_path})" if ckpt_path.exists() else "the start"
+        print(f"\ninterrupted: the same command resumes from {where}", file=sys.stderr)
+        return 130
     print(f"checkpoint: {ckpt_path}")
     return 1 if metrics.get("status") == "diverged" else 0
 

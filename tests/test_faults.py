@@ -247,13 +247,14 @@ def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_pa
     assert not list(tmp_path.glob(".report.csv.*")) + list(tmp_path.glob(".pareto.png.*"))
 
 
-def test_ctrl_c_between_and_within_trials_then_the_same_command_goes_on(tmp_path):
-    """Ctrl-C (SIGINT) the driver twice, each time exit 130 and the same command goes on:
-    the instant a trial ends, in a sweep with a time budget (it said the budget was used up
-    and exited 0 when no trial was left running to show otherwise), then mid-trial (that
-    trial was saved as ended, "stopped early", and never continued). In the end every
-    trial has finished; no ended trial trained again, the one stopped mid-trial went on
-    from its newest checkpoint."""
+def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes_on(
+        tmp_path):
+    """Ctrl-C (SIGINT) the driver three times; each time it exits 130 and the same command
+    goes on. During start-up (a traceback before); the instant a trial ends, in a sweep
+    with a time budget (it said the budget was used up and exited 0 when no trial was left
+    running to show otherwise); mid-trial (that trial was saved as ended, "stopped early",
+    and never continued). In the end every trial has finished; no ended trial trained
+    again, the one stopped mid-trial went on from its newest checkpoint."""
     experiment, report = tmp_path / "runs" / "sweep", tmp_path / "report.csv"
     # One trial at a time; 2 epochs of a few seconds each, so a Ctrl-C can land mid-trial.
     argv = sweep_args(tmp_path, "--trials", "3", "--cpus-per-trial", "2", "--max-epochs", "2",
@@ -265,6 +266,13 @@ def test_ctrl_c_between_and_within_trials_then_the_same_command_goes_on(tmp_path
     def finished() -> dict[str, list[dict]]:
         return {t: rows for t, rows in results(experiment).items()
                 if rows and rows[-1]["status"] == "finished"}
+
+    # 0. During start-up, before Tune's graceful stop is in place: one line, no traceback.
+    driver = Driver(argv, kill_on=r"^data: ", sig=signal.SIGINT)
+    assert driver.wait() == 130, driver.output[-3000:]
+    assert "Traceback" not in driver.output and driver.lines[-1] == (
+        "interrupted: run the same command to continue (from the experiment's last snapshot, "
+        "if it has one)"), driver.output[-3000:]
 
     # 1. The instant the first trial ends.
     driver = Driver(argv, kill_on=r" ended \(", sig=signal.SIGINT)

@@ -188,7 +188,9 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_cli_resume_after_sigkill_is_exact(cli_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_cli_resume_after_kill_or_ctrl_c_is_exact(cli_run: Path, tmp_path: Path,
+                                                  sig: signal.Signals) -> None:
     out = tmp_path / "run"
     ckpt = out / CHECKPOINT_FILE
     proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *CLI_ARGS, "--out", str(out)],
@@ -202,12 +204,19 @@ def test_cli_resume_after_sigkill_is_exact(cli_run: Path, tmp_path: Path) -> Non
             else:
                 time.sleep(0.01)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)  # mid epoch 2: its checkpoint is never written
+            proc.send_signal(sig)  # mid epoch 2: its checkpoint is never written
     finally:
-        if proc.poll() is None:
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
             proc.kill()
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended on its own: {err.decode()}"
+            raise
+    if sig == signal.SIGINT:  # one line saying where it goes on, no traceback
+        assert proc.returncode == 130, err.decode()
+        assert err.decode().strip() == ("interrupted: the same command resumes from its "
+                                        f"last epoch ({ckpt})")
+    else:
+        assert proc.returncode == -signal.SIGKILL, f"the run ended on its own: {err.decode()}"
     assert load_checkpoint(ckpt)["epoch"] == 1
 
     result = run_cli(TRAIN_PY, *CLI_ARGS, "--out", str(out))
