@@ -1,6 +1,6 @@
 """What would a long run score if its learning rate came down now? A forecast.
 
-    python bench/anneal_forecast.py results/long-small/checkpoint.pt [--samples 32000]
+    python bench/anneal_forecast.py results/2026-11-26-long-small/checkpoint.pt [--samples 32000]
 
 Midway through a cosine schedule the val MSE is measured at a high learning rate, whose
 noise hides much of what the model has learned; the schedule's tail removes it. This

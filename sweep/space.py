@@ -27,7 +27,7 @@ def suggest_model(trial: optuna.Trial) -> dict:
 
 def start_points() -> list[dict]:
     """Where the search starts: the `small` preset with the long run's learning rate and
-    batch size (README, "Model quality"), shrunk to the budget like any suggestion. A
+    batch size (results/2026-11-26-long-small), shrunk to the budget like any suggestion. A
     trial that is known to train well gives TPE something to build on from the first
     result, instead of only its random start-up guesses. Keys are the suggestion names."""
     small = PRESETS["small"]

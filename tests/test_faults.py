@@ -1,6 +1,6 @@
 """Faults, bad input and load, each done for real: killed drivers and workers, damaged
 checkpoints, trials that raise or diverge, a second driver, a full disk, open ports, and a
-200-trial sweep. README "What survives what" lists what each test shows."""
+200-trial sweep. docs/faults.md, "What survives what", lists what each test shows."""
 
 from __future__ import annotations
 

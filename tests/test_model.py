@@ -168,6 +168,6 @@ def test_train_flops_grow_with_the_model() -> None:
     first_conv_forward = 2 * 9 * 1 * PRESETS["small"].base_filters * 32 * 32
     assert small > 2 * first_conv_forward
     assert isinstance(small, int)
-    # The README's figures (torch's FlopCounterMode, torch 2.13): 0.33 and 8.18 GFLOP.
+    # docs/benchmarks.md's figures (torch's FlopCounterMode, torch 2.13): 0.33 and 8.18 GFLOP.
     assert small == pytest.approx(333_987_840, rel=0.01)
     assert train_flops_per_sample(PRESETS["reference"]) == pytest.approx(8_181_792_768, rel=0.01)
