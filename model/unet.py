@@ -20,6 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 IMAGE_SIZE = 32
 MIXTURES = ("mean", "sum")
+BLOCKS = ("plain", "residual", "naf")
+UPSAMPLES = ("transpose", "bilinear")
+OUTPUTS = ("both", "one")
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,14 @@ class UNetConfig:
     # Project the outputs onto img1 + img2 = mixture * scale: can only help (task notes).
     mixture_consistent: bool = True
     mixture: str = "mean"  # "mean": input (img1 + img2) / 2; "sum": input img1 + img2
+    # plain: [conv3x3-BN-ReLU] x n; residual: the same with an identity (or 1x1) shortcut;
+    # naf: NAFNet blocks (LayerNorm, gated depthwise conv, channel attention), n per step.
+    block: str = "plain"
+    upsample: str = "transpose"  # transposed conv 2x2, or bilinear x2 then conv 3x3
+    attention_gates: bool = False  # gate each skip by the decoder's features (Oktay 2018)
+    # both: predict both components; one: predict the Fashion item and derive the digit
+    # as scale * mixture - fashion, consistent by construction (mixture_consistent is moot).
+    output: str = "both"
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -54,11 +65,14 @@ class UNetConfig:
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
-        for name in ("depthwise_head", "batch_norm", "mixture_consistent"):
+        for name in ("depthwise_head", "batch_norm", "mixture_consistent", "attention_gates"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.mixture not in MIXTURES:
-            raise ConfigError(f"mixture must be one of {MIXTURES}, got {self.mixture!r}")
+        for name, choices in (("mixture", MIXTURES), ("block", BLOCKS),
+                              ("upsample", UPSAMPLES), ("output", OUTPUTS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, "
+                                  f"got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +125,104 @@ def conv_block(in_ch: int, out_ch: int, n_convs: int, batch_norm: bool) -> nn.Se
     return nn.Sequential(*layers)
 
 
+class ResidualBlock(nn.Module):
+    """conv_block's convolutions with a shortcut: ReLU(body(x) + shortcut(x)). The body's
+    last batch norm starts at zero, so the block starts as its shortcut and deep stacks
+    train from the first step (Goyal et al. 2017)."""
+
+    def __init__(self, in_ch: int, out_ch: int, n_convs: int, batch_norm: bool) -> None:
+        super().__init__()
+        body = list(conv_block(in_ch, out_ch, n_convs, batch_norm))
+        self.body = nn.Sequential(*body[:-1])  # the last ReLU comes after the sum
+        if batch_norm:
+            nn.init.zeros_(self.body[-1].weight)
+        self.shortcut = (nn.Identity() if in_ch == out_ch else
+                         nn.Conv2d(in_ch, out_ch, 1, bias=not batch_norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of each pixel, as NAFNet's LayerNorm2d."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SimpleGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class NAFBlock(nn.Module):
+    """One block of NAFNet (Chen et al. 2022, "Simple Baselines for Image Restoration"):
+    a gated depthwise-conv half and a gated feed-forward half, each residual with a learned
+    scale that starts at zero. About 7c^2 parameters against 18c^2 for two 3x3 convs."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.spatial = nn.Sequential(
+            ChannelLayerNorm(c), nn.Conv2d(c, 2 * c, 1),
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c), SimpleGate())
+        # Simplified channel attention: global average pool, 1x1, multiply.
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))
+        self.project = nn.Conv2d(c, c, 1)
+        self.feed_forward = nn.Sequential(
+            ChannelLayerNorm(c), nn.Conv2d(c, 2 * c, 1), SimpleGate(), nn.Conv2d(c, c, 1))
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.spatial(x)
+        x = x + self.beta * self.project(y * self.attention(y))
+        return x + self.gamma * self.feed_forward(x)
+
+
+def naf_stage(in_ch: int, out_ch: int, n_blocks: int) -> nn.Sequential:
+    """A 3x3 conv to the step's width, then n NAF blocks at that width."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1),
+                         *(NAFBlock(out_ch) for _ in range(n_blocks)))
+
+
+def make_stage(block: str, in_ch: int, out_ch: int, n: int, batch_norm: bool) -> nn.Module:
+    """One step of the U-Net at one resolution, of the config's block type."""
+    if block == "naf":
+        return naf_stage(in_ch, out_ch, n)
+    if block == "residual":
+        return ResidualBlock(in_ch, out_ch, n, batch_norm)
+    return conv_block(in_ch, out_ch, n, batch_norm)
+
+
+def make_upsample(kind: str, in_ch: int, out_ch: int) -> nn.Module:
+    if kind == "bilinear":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                             nn.Conv2d(in_ch, out_ch, 3, padding=1))
+    return nn.ConvTranspose2d(in_ch, out_ch, 2, stride=2)
+
+
+class AttentionGate(nn.Module):
+    """Additive attention on a skip (Oktay et al. 2018, "Attention U-Net"): a per-pixel
+    weight in (0, 1) from the skip and the decoder's upsampled features multiplies the skip,
+    so the decoder can drop what belongs to the other component."""
+
+    def __init__(self, skip_ch: int, gate_ch: int) -> None:
+        super().__init__()
+        inner = max(1, skip_ch // 2)
+        self.from_skip = nn.Conv2d(skip_ch, inner, 1, bias=False)
+        self.from_gate = nn.Conv2d(gate_ch, inner, 1)
+        self.weight = nn.Conv2d(inner, 1, 1)
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.from_skip(skip) + self.from_gate(gate))
+        return skip * torch.sigmoid(self.weight(a))
+
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -121,24 +233,28 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         in_ch = 1
         for width in skip_widths:
-            self.down.append(conv_block(in_ch, width, c.enc_convs, c.batch_norm))
+            self.down.append(make_stage(c.block, in_ch, width, c.enc_convs, c.batch_norm))
             in_ch = width
         self.pool = nn.MaxPool2d(2)
-        self.bottleneck = conv_block(in_ch, c.base_filters * 2**c.depth, c.enc_convs,
+        self.bottleneck = make_stage(c.block, in_ch, c.base_filters * 2**c.depth, c.enc_convs,
                                      c.batch_norm)
         in_ch = c.base_filters * 2**c.depth
 
         self.upsample = nn.ModuleList()
         self.up = nn.ModuleList()
+        self.gates = nn.ModuleList()  # empty unless attention_gates: no keys in the weights
         for skip in reversed(skip_widths):
             width = skip * c.decoder_width_mult
-            self.upsample.append(nn.ConvTranspose2d(in_ch, width, 2, stride=2))
-            self.up.append(conv_block(width + skip, width, c.dec_convs, c.batch_norm))
+            self.upsample.append(make_upsample(c.upsample, in_ch, width))
+            if c.attention_gates:
+                self.gates.append(AttentionGate(skip, width))
+            self.up.append(make_stage(c.block, width + skip, width, c.dec_convs, c.batch_norm))
             in_ch = width
 
-        head: list[nn.Module] = [nn.Conv2d(in_ch, 2, 1)]
+        out_ch = 1 if c.output == "one" else 2
+        head: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 1)]
         if c.depthwise_head:
-            head.append(nn.Conv2d(2, 2, 3, padding=1, groups=2))
+            head.append(nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch))
         self.head = nn.Sequential(*head)
         # Mean mixture: img1 + img2 = 2 * input; sum mixture: img1 + img2 = input.
         self.mixture_scale = 2.0 if c.mixture == "mean" else 1.0
@@ -151,9 +267,15 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips), strict=True):
-            x = block(torch.cat([upsample(x), skip], dim=1))
+        for i, (upsample, block, skip) in enumerate(
+                zip(self.upsample, self.up, reversed(skips), strict=True)):
+            x = upsample(x)
+            if self.config.attention_gates:
+                skip = self.gates[i](skip, x)
+            x = block(torch.cat([x, skip], dim=1))
         y = self.head(x)
+        if self.config.output == "one":  # y is the Fashion item; the digit is what is left
+            return torch.cat([self.mixture_scale * mixture - y, y], dim=1)
         if self.config.mixture_consistent:
             # Spread the residual of the sum constraint equally over both components.
             residual = self.mixture_scale * mixture - y.sum(dim=1, keepdim=True)

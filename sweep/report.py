@@ -26,7 +26,8 @@ from sweep.plots import plot_pareto
 from sweep.train import split_config
 
 AXES = ["base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
-        "depthwise_head", "mixture_consistent", "batch_norm", "lr", "batch_size"]
+        "depthwise_head", "block", "upsample", "attention_gates", "output",
+        "mixture_consistent", "batch_norm", "lr", "batch_size", "loss"]
 METRICS = ["params", "flops_per_sample", "epochs", "val_mse", "test_mse_mean",
            "test_mse_std", "test_pairs", "train_seconds", "samples_per_s"]
 COLUMNS = ["trial_id", "status", *AXES, *METRICS, "pareto", "checkpoint", "node", "error"]

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import optuna
 
-from model.unet import PRESETS, UNetConfig, params_of
+from model.unet import BLOCKS, OUTPUTS, PRESETS, UPSAMPLES, UNetConfig, params_of
+from sweep.train import LOSSES
 
 BASE_FILTERS = (8, 12, 16, 24, 32, 48)
 BATCH_SIZES = (32, 64, 128)
-# Every axis at its smallest: no variant of the space has fewer parameters.
+# Every axis at its smallest: no variant of the space has fewer parameters (the plain
+# block, transposed convs and no gates are each the cheapest of their axis; one output
+# channel is cheaper than two).
 SMALLEST = UNetConfig(base_filters=BASE_FILTERS[0], depth=1, enc_convs=1, dec_convs=1,
-                      decoder_width_mult=1, depthwise_head=False)
+                      decoder_width_mult=1, depthwise_head=False, output="one")
+# The lever axes, each at its cheapest, in the order shrink_steps gives them up.
+CHEAPEST_LEVERS = {"block": "plain", "upsample": "transpose", "attention_gates": False,
+                   "output": "one"}
 
 
 def suggest_model(trial: optuna.Trial) -> dict:
@@ -21,8 +27,22 @@ def suggest_model(trial: optuna.Trial) -> dict:
         "dec_convs": trial.suggest_int("dec_convs", 1, 4),
         "decoder_width_mult": trial.suggest_categorical("decoder_width_mult", (1, 2, 4)),
         "depthwise_head": trial.suggest_categorical("depthwise_head", (True, False)),
-        "mixture_consistent": trial.suggest_categorical("mixture_consistent", (True, False)),
+        "block": trial.suggest_categorical("block", BLOCKS),
+        "upsample": trial.suggest_categorical("upsample", UPSAMPLES),
+        "attention_gates": trial.suggest_categorical("attention_gates", (False, True)),
+        **suggest_output(trial),
     }
+
+
+def suggest_output(trial: optuna.Trial) -> dict:
+    """Two outputs with or without the mixture projection, or one with the other derived
+    (exactly consistent, so the projection is not asked: define-by-run keeps the study
+    free of a parameter that does nothing)."""
+    output = trial.suggest_categorical("output", OUTPUTS)
+    if output == "one":
+        return {"output": "one", "mixture_consistent": False}
+    return {"output": "both",
+            "mixture_consistent": trial.suggest_categorical("mixture_consistent", (True, False))}
 
 
 def start_points() -> list[dict]:
@@ -33,13 +53,14 @@ def start_points() -> list[dict]:
     small = PRESETS["small"]
     model = {name: getattr(small, name) for name in (
         "base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
-        "depthwise_head", "mixture_consistent")}
-    return [{**model, "lr": 3e-3, "batch_size": 64}]
+        "depthwise_head", "block", "upsample", "attention_gates", "output",
+        "mixture_consistent")}
+    return [{**model, "lr": 3e-3, "batch_size": 64, "loss": "mse"}]
 
 
 def shrink_steps(model: dict):
     """Ever smaller variants of `model`, down to SMALLEST: first a standard-width decoder,
-    then narrower, then fewer convolutions and steps."""
+    then narrower, then fewer convolutions and steps, then the cheapest levers."""
     while model["decoder_width_mult"] > 1:
         model = {**model, "decoder_width_mult": model["decoder_width_mult"] // 2}
         yield model
@@ -50,7 +71,14 @@ def shrink_steps(model: dict):
         while model[axis] > 1:
             model = {**model, axis: model[axis] - 1}
             yield model
-    yield {**model, "depthwise_head": False}
+    model = {**model, "depthwise_head": False}
+    yield model
+    for axis, cheapest in CHEAPEST_LEVERS.items():
+        if model[axis] != cheapest:
+            model = {**model, axis: cheapest}
+            if axis == "output":
+                model["mixture_consistent"] = False
+            yield model
 
 
 def fit_budget(model: dict, max_params: int | None) -> dict:
@@ -72,5 +100,7 @@ def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:
     model = fit_budget(suggest_model(trial), max_params)
     lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
     batch_size = trial.suggest_categorical("batch_size", BATCH_SIZES)
+    loss = trial.suggest_categorical("loss", LOSSES)
     # batch_norm is fixed, but named so that the report shows it beside the searched axes.
-    return {**model, "batch_norm": True, "lr": lr, "batch_size": batch_size, **constants}
+    return {**model, "batch_norm": True, "lr": lr, "batch_size": batch_size, "loss": loss,
+            **constants}

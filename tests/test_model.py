@@ -29,8 +29,18 @@ def expected_params(c: UNetConfig) -> int:
     def conv3(cin: int, cout: int) -> int:
         return 9 * cin * cout + (2 * cout if c.batch_norm else cout)
 
+    def naf(ch: int) -> int:
+        # two channel LayerNorms 2c each; 1x1 c->2c (x2), depthwise 3x3 over 2c, channel
+        # attention 1x1 c->c, output 1x1 c->c (x2), all with bias; beta and gamma c each
+        return 2 * 2 * ch + 2 * (2 * ch * ch + 2 * ch) + 20 * ch + 3 * (ch * ch + ch) + 2 * ch
+
     def block(cin: int, cout: int, n: int) -> int:
-        return conv3(cin, cout) + (n - 1) * conv3(cout, cout)
+        if c.block == "naf":  # a 3x3 conv with bias to the width, then n NAF blocks
+            return 9 * cin * cout + cout + n * naf(cout)
+        plain = conv3(cin, cout) + (n - 1) * conv3(cout, cout)
+        if c.block == "residual" and cin != cout:  # a 1x1 shortcut, biased without BN
+            plain += cin * cout + (0 if c.batch_norm else cout)
+        return plain
 
     skips = [c.base_filters * 2**i for i in range(c.depth)]
     total, cin = 0, 1
@@ -42,12 +52,17 @@ def expected_params(c: UNetConfig) -> int:
     cin = bottom
     for skip in reversed(skips):
         width = skip * c.decoder_width_mult
-        total += 4 * cin * width + width  # 2x2 transposed conv, with bias
+        kernel = 9 if c.upsample == "bilinear" else 4  # 3x3 conv after it, or 2x2 transposed
+        total += kernel * cin * width + width
+        if c.attention_gates:  # 1x1 skip -> skip/2 (no bias), gate -> skip/2, skip/2 -> 1
+            inner = max(1, skip // 2)
+            total += skip * inner + width * inner + inner + inner + 1
         total += block(width + skip, width, c.dec_convs)
         cin = width
-    total += 2 * cin + 2  # 1x1 output conv
+    out = 1 if c.output == "one" else 2
+    total += out * cin + out  # 1x1 output conv
     if c.depthwise_head:
-        total += 2 * 9 + 2  # depthwise 3x3 over the 2 channels
+        total += out * 9 + out  # depthwise 3x3 over the outputs
     return total
 
 
@@ -65,6 +80,19 @@ VARIANTS = [
         (1, 3, 3, 1, 2, True, False, False, "mean"),
         (2, 4, 1, 1, 1, True, True, True, "mean"),  # depth 4: a 2x2 bottleneck
     ]
+] + [  # the levers, alone and together
+    UNetConfig(base_filters=bf, depth=d, enc_convs=e, dec_convs=dc, decoder_width_mult=m,
+               batch_norm=bn, block=block, upsample=up, attention_gates=gates, output=out)
+    for bf, d, e, dc, m, bn, block, up, gates, out in [
+        (3, 2, 2, 2, 1, True, "residual", "transpose", False, "both"),
+        (2, 1, 1, 3, 2, False, "residual", "transpose", False, "both"),
+        (4, 2, 2, 1, 1, True, "naf", "transpose", False, "both"),
+        (3, 1, 1, 2, 2, False, "plain", "bilinear", False, "both"),
+        (3, 2, 1, 1, 1, True, "plain", "transpose", True, "both"),
+        (2, 2, 2, 2, 1, True, "plain", "transpose", False, "one"),
+        (4, 3, 2, 2, 2, True, "residual", "bilinear", True, "one"),
+        (4, 2, 1, 1, 1, False, "naf", "bilinear", True, "one"),
+    ]
 ]
 
 
@@ -72,7 +100,8 @@ def variant_id(c: UNetConfig) -> str:
     return (f"bf{c.base_filters}-d{c.depth}-e{c.enc_convs}-dc{c.dec_convs}-m"
             f"{c.decoder_width_mult}-{'h' if c.depthwise_head else 'noh'}-"
             f"{'bn' if c.batch_norm else 'nobn'}-{'mc' if c.mixture_consistent else 'free'}-"
-            f"{c.mixture}")
+            f"{c.mixture}-{c.block}-{c.upsample}-{'ag' if c.attention_gates else 'noag'}-"
+            f"out{c.output}")
 
 
 @pytest.mark.parametrize("config", VARIANTS, ids=variant_id)
@@ -135,6 +164,10 @@ def test_mixture_consistent_outputs_add_up_to_the_mixture(mixture, scale, batch_
         ({"depthwise_head": "yes"}, "depthwise_head"),
         ({"mixture": "max"}, "mixture"),
         ({"mixture": "MEAN"}, "mixture"),
+        ({"block": "dense"}, "block"),
+        ({"upsample": "nearest"}, "upsample"),
+        ({"attention_gates": "yes"}, "attention_gates"),
+        ({"output": "two"}, "output"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(overrides: dict, field: str) -> None:
@@ -171,3 +204,68 @@ def test_train_flops_grow_with_the_model() -> None:
     # docs/benchmarks.md's figures (torch's FlopCounterMode, torch 2.13): 0.33 and 8.18 GFLOP.
     assert small == pytest.approx(333_987_840, rel=0.01)
     assert train_flops_per_sample(PRESETS["reference"]) == pytest.approx(8_181_792_768, rel=0.01)
+
+
+# --- the levers: what each block does at initialization, and the derived output ------------
+
+
+@pytest.mark.parametrize("mixture, scale", [("mean", 2.0), ("sum", 1.0)])
+def test_one_output_derives_the_digit_from_the_mixture(mixture: str, scale: float) -> None:
+    torch.manual_seed(2)
+    config = UNetConfig(base_filters=3, depth=2, output="one", mixture=mixture,
+                        mixture_consistent=False)  # moot: the sum is exact by construction
+    model = UNet(config).eval()
+    x = torch.rand(4, 1, 32, 32)
+    y = model(x)
+    assert model.head[0].out_channels == 1  # the network predicts the Fashion item only
+    torch.testing.assert_close(y[:, :1], scale * x - y[:, 1:])
+    assert y[:, 1:].std() > 0  # a real prediction, not a constant
+
+
+def test_residual_block_starts_as_its_shortcut() -> None:
+    from model.unet import ResidualBlock
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 8, 8)
+    same = ResidualBlock(4, 4, 2, batch_norm=True).eval()
+    torch.testing.assert_close(same(x), torch.relu(x))  # the body's last BN starts at zero
+    wider = ResidualBlock(4, 6, 2, batch_norm=True).eval()
+    torch.testing.assert_close(wider(x), torch.relu(wider.shortcut(x)))
+    nn_init = ResidualBlock(4, 4, 2, batch_norm=False).eval()  # no BN: no zero start
+    assert not torch.allclose(nn_init(x), torch.relu(x))
+
+
+def test_naf_block_starts_as_identity_and_learns_away_from_it() -> None:
+    from model.unet import NAFBlock
+
+    torch.manual_seed(4)
+    block = NAFBlock(8)
+    x = torch.randn(2, 8, 8, 8)
+    torch.testing.assert_close(block(x), x)
+    block(x).square().mean().backward()
+    assert block.beta.grad.abs().sum() > 0 and block.gamma.grad.abs().sum() > 0
+
+
+def test_attention_gate_scales_the_skip_by_weights_in_0_1() -> None:
+    from model.unet import AttentionGate
+
+    torch.manual_seed(5)
+    gate = AttentionGate(skip_ch=6, gate_ch=4)
+    skip, g = torch.rand(2, 6, 8, 8) + 0.1, torch.randn(2, 4, 8, 8)
+    ratio = gate(skip, g) / skip
+    assert (ratio > 0).all() and (ratio < 1).all()
+    # one weight per pixel, shared by the skip's channels; it depends on the gate
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+    assert not torch.allclose(gate(skip, g), gate(skip, -g))
+
+
+def test_configs_from_before_the_levers_build_the_same_network() -> None:
+    """A checkpoint's config saved before the lever fields existed builds today's default
+    (plain blocks, transposed convs, no gates, both outputs), with the same weight names."""
+    old = {k: v for k, v in PRESETS["small"].to_dict().items()
+           if k not in ("block", "upsample", "attention_gates", "output")}
+    config = UNetConfig.from_dict(old)
+    assert config == PRESETS["small"]
+    names = set(UNet(config).state_dict())
+    assert not any(n.startswith("gates") for n in names)
+    assert "head.0.weight" in names and "up.1.0.weight" in names

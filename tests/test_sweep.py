@@ -19,7 +19,7 @@ from model.unet import PRESETS, params_of, train_flops_per_sample
 from sweep import report as report_cli
 from sweep import run
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
-from sweep.space import space, start_points
+from sweep.space import SMALLEST, space, start_points
 from sweep.train import split_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,25 @@ def test_the_search_starts_from_the_small_preset_fitted_to_the_budget():
 
     assert first_trial(max_params=None) == PRESETS["small"]
     assert params_of(first_trial(max_params=20_000)) <= 20_000  # shrunk like any suggestion
+
+
+def test_every_suggestion_builds_fits_its_budget_and_smallest_is_the_floor():
+    """Random suggestions of the whole space, levers included: each builds, none has fewer
+    parameters than SMALLEST, and a budget of SMALLEST's size shrinks every one to fit (a
+    NAF-block or gated model too), so run.py's floor check is the true floor."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    floor = params_of(SMALLEST)
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        free = split_config(space(trial, constants={}, max_params=None))[0]
+        assert params_of(free) >= floor
+        seen.add((free.block, free.output))
+        if free.output == "one":  # the projection is moot there, so never asked
+            assert "mixture_consistent" not in trial.params
+        shrunk = split_config(space(study.ask(), constants={}, max_params=floor))[0]
+        assert params_of(shrunk) <= floor
+    assert seen == {(b, o) for b in ("plain", "residual", "naf") for o in ("both", "one")}
 
 
 # --- the report ------------------------------------------------------------------------------
