@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,6 +59,7 @@ from sweep.scoring import test_score, val_mse
 HISTORY_FILE = "metrics.csv"  # beside the checkpoint: one row per epoch
 CURVE_FILE = "curve.png"
 PRECISIONS = ("auto", "fp32", "bf16")
+LOSSES = ("mse", "l1")
 SWITCHES = ("auto", "on", "off")
 # Fields that change how a trial runs, not which run it is: free to differ on resume. The
 # device's kind may not (check_resumable); a precision that differs is said (precision_note).
@@ -71,6 +73,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3  # AdamW peak; cosine decay to lr / 100 over all epochs
     weight_decay: float = 1e-4
+    loss: str = "mse"  # what training minimizes; validation and test always score MSE
+    # Weight EMA (Polyak averaging) per step; 0 = off. With it on, validation, test and the
+    # checkpoint's "model" are the averaged weights, so evaluate.py scores those.
+    ema_decay: float = 0.0
     val_pairs: int = 2_000  # fixed validation pairs from the held-out images
     test_pairs: int = 0  # >0: score the test protocol (10 sets of this size) at the end
     seed: int = 0
@@ -97,6 +103,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 0 < self.lr <= 1:
             raise ConfigError(f"lr must be in (0, 1], got {self.lr}")
+        if not isinstance(self.ema_decay, int | float) or not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.channels_last not in SWITCHES:
@@ -139,8 +149,14 @@ class Trial:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     batches: torch.Generator  # draws the training pairs
+    ema: AveragedModel | None = None  # the averaged weights, when ema_decay > 0
     epoch: int = 0
     train_seconds: float = 0.0
+
+    @property
+    def scored_model(self) -> UNet:
+        """The weights that validation, test and evaluate.py score."""
+        return self.ema.module if self.ema is not None else self.model
 
     def state(self, model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath,
               metrics: dict) -> dict:
@@ -151,15 +167,28 @@ class Trial:
             "fast_path": {"device": fast.device.type, "bf16": fast.bf16},
             "epoch": self.epoch,
             "train_seconds": self.train_seconds,
-            "model": self.model.state_dict(),
+            "model": self.scored_model.state_dict(),
+            **self.ema_state(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng": {"batches": self.batches.get_state(), "torch": torch.get_rng_state()},
             "metrics": metrics,
         }
 
+    def ema_state(self) -> dict:
+        """With EMA, "model" holds the averaged weights; training resumes from these."""
+        if self.ema is None:
+            return {}
+        return {"trained_model": self.model.state_dict(),
+                "ema_updates": int(self.ema.n_averaged.item())}
+
     def restore(self, state: dict) -> None:
-        load_weights(self.model, state)
+        if self.ema is not None:
+            load_weights(self.ema.module, state)
+            load_weights(self.model, {"model": state["trained_model"]})
+            self.ema.n_averaged.fill_(state["ema_updates"])
+        else:
+            load_weights(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.batches.set_state(state["rng"]["batches"])
@@ -175,7 +204,11 @@ def build_trial(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> Tria
     total_steps = cfg.epochs * cfg.steps_per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps, cfg.lr / 100)
     batches = torch.Generator(device=fast.device).manual_seed(cfg.seed)
-    return Trial(model, optimizer, schedule, batches)
+    ema = None
+    if cfg.ema_decay:  # buffers too, so batch norm's running statistics are averaged
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True)
+    return Trial(model, optimizer, schedule, batches, ema)
 
 
 def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
@@ -183,9 +216,11 @@ def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
     """Refuse to continue a checkpoint under a different config, or on another kind of
     device: the result would be neither run (and the random stream of pairs, a generator
     on the device, cannot move between kinds)."""
-    saved = {**state["model_config"], **state["train_config"]}
+    # A field newer than the checkpoint took its default there: the run it made.
+    defaults = {**UNetConfig().to_dict(), **asdict(TrainConfig())}
+    saved = {**defaults, **state["model_config"], **state["train_config"]}
     wanted = {**model_cfg.to_dict(), **asdict(cfg)}
-    differ = [k for k in wanted if k not in RUNTIME_FIELDS and saved.get(k) != wanted[k]]
+    differ = [k for k in wanted if k not in RUNTIME_FIELDS and saved[k] != wanted[k]]
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in differ)
         raise ConfigError(f"the checkpoint was trained with another config ({changes})")
@@ -216,17 +251,20 @@ def make_step_fn(trial: Trial, train_pair, model_cfg: UNetConfig, cfg: TrainConf
     """One training step as a closure: fresh random pairs, forward, backward, update, LR
     schedule. Returns the loss (a tensor, so the device need not sync every step)."""
     model = torch.compile(trial.model) if cfg.compile else trial.model
+    loss_fn = F.l1_loss if cfg.loss == "l1" else F.mse_loss
 
     def step() -> torch.Tensor:
         idx1, idx2 = random_indices(train_pair, cfg.batch_size, trial.batches)
         x, y = make_batch(train_pair, idx1, idx2, model_cfg.mixture)
         with fast.autocast():
             pred = model(x.contiguous(memory_format=fast.memory_format()))
-        loss = F.mse_loss(pred.float(), y)
+        loss = loss_fn(pred.float(), y)
         trial.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trial.optimizer.step()
         trial.schedule.step()
+        if trial.ema is not None:
+            trial.ema.update_parameters(trial.model)
         return loss.detach()
 
     return step
@@ -287,7 +325,7 @@ def run_trial(
             "epoch": trial.epoch,
             "train_loss": train_loss,
             "val_mse": math.nan if diverged else val_mse(
-                trial.model, sources.val, model_cfg.mixture, fast, cfg.val_pairs),
+                trial.scored_model, sources.val, model_cfg.mixture, fast, cfg.val_pairs),
             "samples_per_s": cfg.epoch_samples / seconds,
             "train_seconds": trial.train_seconds,
             "lr": trial.schedule.get_last_lr()[0],
@@ -296,10 +334,10 @@ def run_trial(
                       "finished" if trial.epoch == cfg.epochs else "running",
         }
         if metrics["status"] == "finished" and cfg.test_pairs:
-            metrics |= scores_on_test(trial.model, sources, model_cfg.mixture, fast,
+            metrics |= scores_on_test(trial.scored_model, sources, model_cfg.mixture, fast,
                                       cfg.test_pairs)
         metrics["eval_seconds"] = time.perf_counter() - eval_start  # this epoch's scoring
-        yield metrics, trial.state(model_cfg, cfg, fast, metrics), trial.model
+        yield metrics, trial.state(model_cfg, cfg, fast, metrics), trial.scored_model
         if diverged:
             return
 

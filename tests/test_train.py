@@ -269,6 +269,70 @@ def test_cli_rerun_of_a_finished_run_with_test_pairs_scores_it(cli_run: Path, tm
 # --- a checkpoint only resumes under its own config -------------------------------------------
 
 
+def test_ema_resume_is_exact_and_the_checkpoint_scores_the_averaged_weights(
+        sources: Sources, fast, tmp_path: Path) -> None:
+    model_cfg = preset("tiny")
+    cfg = TrainConfig(epochs=2, samples_per_epoch=1024, val_pairs=200, threads=1,
+                      ema_decay=0.9)
+    *_, (metrics, straight, _) = run_trial(model_cfg, cfg, sources, fast)
+    interrupted = run_trial(model_cfg, cfg, sources, fast)
+    _, state, _ = next(interrupted)
+    save_checkpoint(state, tmp_path / CHECKPOINT_FILE)
+    interrupted.close()
+    [(_, resumed, _)] = list(run_trial(model_cfg, cfg, sources, fast,
+                                       load_checkpoint(tmp_path)))
+    assert_same_training(straight, resumed)
+    assert_identical(straight["trained_model"], resumed["trained_model"], "trained_model")
+    assert straight["ema_updates"] == 2 * cfg.steps_per_epoch
+    # "model" is the average, not the last step's weights, and it is what val_mse scored.
+    assert any(not torch.equal(straight["model"][k], straight["trained_model"][k])
+               for k in straight["model"])
+    averaged = model_from_checkpoint(straight, fast.device)
+    # (approx: the trial's weights are channels_last, the loaded ones are not)
+    assert val_mse(averaged, sources.val, "mean", fast, 200) == \
+        pytest.approx(metrics["val_mse"], rel=1e-5)
+    trained = model_from_checkpoint({**straight, "model": straight["trained_model"]},
+                                    fast.device)
+    assert val_mse(trained, sources.val, "mean", fast, 200) != \
+        pytest.approx(metrics["val_mse"], rel=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_the_step_minimizes_the_loss_asked_for(sources: Sources, fast, loss: str) -> None:
+    model_cfg = preset("tiny")
+    cfg = TrainConfig(epochs=1, samples_per_epoch=64, batch_size=64, threads=1, loss=loss)
+    trial = train.build_trial(model_cfg, cfg, fast)
+    draws = torch.Generator().manual_seed(0)
+    draws.set_state(trial.batches.get_state())  # the pairs the step will draw
+    idx1, idx2 = train.random_indices(sources.train, cfg.batch_size, draws)
+    x, y = train.make_batch(sources.train, idx1, idx2, model_cfg.mixture)
+    with torch.no_grad():
+        pred = trial.model(x)
+    want = (pred - y).abs().mean() if loss == "l1" else (pred - y).square().mean()
+    got = train.make_step_fn(trial, sources.train, model_cfg, cfg, fast)()
+    assert got.item() == pytest.approx(want.item(), rel=1e-2)  # bf16 autocast where native
+    other = (pred - y).square().mean() if loss == "l1" else (pred - y).abs().mean()
+    assert got.item() != pytest.approx(other.item(), rel=1e-1)
+
+
+def test_a_checkpoint_from_before_the_levers_resumes(sources: Sources, fast) -> None:
+    """Fields added later are absent from older checkpoints, which trained with their
+    defaults: resuming one is allowed, resuming it with another value is not."""
+    model_cfg, cfg = preset("tiny"), TrainConfig(epochs=2, samples_per_epoch=128,
+                                                 val_pairs=50, threads=1)
+    _, state, _ = next(run_trial(model_cfg, cfg, sources, fast))
+    for key in ("block", "upsample", "attention_gates", "output"):
+        del state["model_config"][key]
+    for key in ("loss", "ema_decay"):
+        del state["train_config"][key]
+    [(metrics, _, _)] = list(run_trial(model_cfg, cfg, sources, fast, resume=state))
+    assert metrics["epoch"] == 2
+    with pytest.raises(ConfigError, match="block: 'plain' -> 'residual'"):
+        next(run_trial(replace(model_cfg, block="residual"), cfg, sources, fast, state))
+    with pytest.raises(ConfigError, match="ema_decay: 0.0 -> 0.5"):
+        next(run_trial(model_cfg, replace(cfg, ema_decay=0.5), sources, fast, state))
+
+
 def test_resume_under_another_config_is_refused(sources: Sources, fast) -> None:
     model_cfg = preset("tiny")
     cfg = TrainConfig(epochs=2, samples_per_epoch=128, val_pairs=50, threads=1)
