@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweep.files import atomic_write
-from sweep.scoring import PUBLISHED
+from sweep.scoring import PUBLISHED, TEST_PAIRS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,8 +40,10 @@ def save_png(fig: Figure, path: Path, dpi: int = 110) -> None:
 
 
 def plot_pareto(df: pd.DataFrame, path: Path) -> None:
-    """val MSE (and test MSE where scored) against parameters, log-log, front drawn."""
-    fig, ax = new_figure()
+    """val MSE (and test MSE where scored) against parameters, log-log, front drawn. Test
+    scores on the full protocol (the long runs') are drawn apart from the sweep's shorter
+    ones, beside the published points, numbered and listed in a box."""
+    fig, ax = new_figure(figsize=(10, 5))
     ok = df[df["val_mse"].notna()]
     ax.scatter(ok["params"], ok["val_mse"], s=18, c="tab:blue", alpha=0.5, label="trials (val)")
     front = ok[ok["pareto"]].sort_values("params")
@@ -49,18 +51,27 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
     ax.scatter(front["params"], front["val_mse"], s=40, facecolors="none",
                edgecolors="tab:blue", lw=1.5, label="Pareto front (val)")
     tested = df[df["test_mse_mean"].notna()]
-    if len(tested):
-        ax.scatter(tested["params"], tested["test_mse_mean"], s=22, marker="x", c="tab:green",
-                   label="trials (test)")
-    for i, (label, params, mse) in enumerate(PUBLISHED):
+    full = tested["test_pairs"] >= TEST_PAIRS
+    if (~full).any():
+        ax.scatter(tested.loc[~full, "params"], tested.loc[~full, "test_mse_mean"], s=22,
+                   marker="x", c="tab:green", label="trials (test, fewer pairs)")
+    if full.any():
+        ax.scatter(tested.loc[full, "params"], tested.loc[full, "test_mse_mean"], s=70,
+                   marker="D", c="darkgreen", zorder=4, label="ours, full test protocol")
+    listing = []
+    for i, (label, params, mse) in enumerate(PUBLISHED, start=1):
         ax.scatter([params], [mse], marker="*", s=140, c="tab:red", zorder=3,
-                   label="published (test)" if i == 0 else None)
-        ax.annotate(label, (params, mse), textcoords="offset points",
-                    xytext=(-10, -14 if i % 2 == 0 else 8), ha="right", fontsize=8)
+                   label="published (test)" if i == 1 else None)
+        ax.annotate(str(i), (params, mse), textcoords="offset points", xytext=(5, 3),
+                    fontsize=8, color="tab:red")
+        listing.append(f"{i} {label}: {params / 1e6:.3g}M, {mse:.2e}")
+    fig.subplots_adjust(left=0.09, right=0.64)  # the listing goes right of the axes
+    ax.text(1.03, 0.0, "published (test MSE)\n" + "\n".join(listing), transform=ax.transAxes,
+            fontsize=7, va="bottom", color="tab:red")
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="MSE",
            title="Separation MSE against model size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)
 
 
