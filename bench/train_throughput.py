@@ -3,6 +3,7 @@
     python bench/train_throughput.py              # about 3 minutes (more on a busy machine)
     python bench/train_throughput.py --quick      # about 30-40 s, a smoke run
     python bench/train_throughput.py --compile    # adds a torch.compile row (slow warm-up)
+    python bench/train_throughput.py --candidates # adds the lever candidates of levers_ab.py
 
 What it measures, in one run:
 
@@ -27,6 +28,9 @@ How to read the table:
   means both matmul measurements fell into busy moments.
 * "vs fp32" is the median over rounds of (this mode / fp32 eager in the same round).
 * The last line, `speedup_vs_fp32: X`, is that ratio for the fast default on `reference`.
+* With --candidates, a second table: the fast default for each design that
+  bench/levers_ab.py compares (one lever each, about 300k parameters), interleaved the
+  same way, with "vs small" the median ratio to `small` in the same rounds.
 
 Where the CPU lacks native bf16 the fast default is channels_last fp32: bf16 autocast there
 is emulated and measured 17x slower than fp32, so it is never chosen. The project's >= 2x
@@ -43,7 +47,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,7 +97,7 @@ class Mode:
 
 @dataclass
 class Row:
-    preset: str
+    preset: str  # a preset's or a candidate's name
     batch_size: int
     mode: Mode
     samples_per_s: list[float]  # one per round
@@ -153,10 +157,10 @@ def matmul_gflops(device: torch.device, seconds: float) -> float:
 # --- the training step ----------------------------------------------------------------------
 
 def real_training_step(model_cfg: UNetConfig, batch_size: int, mode: Mode,
-                       train_pair: tuple[torch.Tensor, torch.Tensor]
-                       ) -> Callable[[], torch.Tensor]:
-    """sweep/train.py's own training step (draw pairs, batch, step, schedule)."""
-    cfg = TrainConfig(batch_size=batch_size, compile=mode.compile)
+                       train_pair: tuple[torch.Tensor, torch.Tensor],
+                       base: TrainConfig | None = None) -> Callable[[], torch.Tensor]:
+    """sweep/train.py's own training step (draw pairs, batch, step, schedule, EMA)."""
+    cfg = replace(base or TrainConfig(), batch_size=batch_size, compile=mode.compile)
     trial = build_trial(model_cfg, cfg, mode.fast)
     trial.model.train()
     return make_step_fn(trial, train_pair, model_cfg, cfg, mode.fast)
@@ -188,12 +192,21 @@ def measure_model(preset_name: str, batch_size: int, modes: list[Mode], budget: 
                   train_pair: tuple[torch.Tensor, torch.Tensor]) -> list[Row]:
     """Warm every mode up, then measure them interleaved, round after round, so slow
     phases of the shared machine hit all modes alike."""
-    model_cfg = PRESETS[preset_name]
+    runs = [(preset_name, PRESETS[preset_name], TrainConfig(), mode) for mode in modes]
+    return measure_interleaved(runs, batch_size, budget, budget.seconds_for(preset_name),
+                               train_pair)
+
+
+def measure_interleaved(runs: list[tuple[str, UNetConfig, TrainConfig, Mode]], batch_size: int,
+                        budget: Budget, seconds: float,
+                        train_pair: tuple[torch.Tensor, torch.Tensor]) -> list[Row]:
+    """Each (name, model, train settings, mode) warmed up, then all measured round after
+    round."""
     rows, steps = [], []
-    for mode in modes:
-        row = Row(preset_name, batch_size, mode, [])
+    for name, model_cfg, base, mode in runs:
+        row = Row(name, batch_size, mode, [])
         try:
-            step = real_training_step(model_cfg, batch_size, mode, train_pair)
+            step = real_training_step(model_cfg, batch_size, mode, train_pair, base)
             warm_up(step, budget.warmup_steps)
         except Exception as e:  # only the optional compile row may fail (no C++ compiler...)
             if not mode.compile:
@@ -202,14 +215,13 @@ def measure_model(preset_name: str, batch_size: int, modes: list[Mode], budget: 
             step = None
         rows.append(row)
         steps.append(step)
-    seconds = budget.seconds_for(preset_name)
     for round_no in range(1, budget.rounds + 1):
         for row, step in zip(rows, steps, strict=True):
             if step is None:
                 continue
             rate = samples_per_second(step, batch_size, seconds, row.mode.fast.device)
             row.samples_per_s.append(rate)
-            print(f"  {preset_name} round {round_no}/{budget.rounds}: "
+            print(f"  {row.preset} round {round_no}/{budget.rounds}: "
                   f"{row.mode.name:<14} {rate:8.1f} samples/s", flush=True)
     return rows
 
@@ -263,6 +275,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(overrides --seconds and --rounds)")
     parser.add_argument("--compile", action="store_true",
                         help="add a row: torch.compile on top of the fast default")
+    parser.add_argument("--candidates", action="store_true",
+                        help="add a table: the fast default of every design that "
+                             "bench/levers_ab.py compares")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be > 0 and --rounds >= 1")
@@ -321,8 +336,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average at end: {load}; total {time.perf_counter() - started:.0f} s")
     reference = {r.mode.name: r for r in rows if r.preset == "reference"}
     speedup = ratio_vs(reference["fast default"], reference["fp32 eager"])
+    if args.candidates:
+        print()
+        print(candidates_table(measure_candidates(fast, budget, sources.train)))
     print(f"speedup_vs_fp32: {speedup:.2f}")
     return 0
+
+
+def levers_ab():
+    """The candidate designs, beside this script; imported only when asked for (it needs
+    pandas, which a bare GPU machine may lack)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import levers_ab
+
+    return levers_ab
+
+
+def measure_candidates(fast: FastPath, budget: Budget,
+                       train_pair: tuple[torch.Tensor, torch.Tensor]) -> list[Row]:
+    """The fast default of each levers_ab.py design at its batch size, interleaved."""
+    ab = levers_ab()
+    runs = [(name, *ab.configs(name), Mode("fast default", fast)) for name in ab.VARIANTS]
+    print(f"candidates: {len(runs)} designs, {budget.rounds} rounds", flush=True)
+    return measure_interleaved(runs, ab.RECIPE.batch_size, budget,
+                               budget.seconds_for("small"), train_pair)
+
+
+def candidates_table(rows: list[Row]) -> str:
+    baseline = next(r for r in rows if r.preset == "baseline")
+    lines = ["design        params  MFLOP/sample  samples/s  GFLOP/s  vs small"]
+    for r in rows:
+        model_cfg, _ = levers_ab().configs(r.preset)
+        flops = train_flops_per_sample(model_cfg)
+        rate = statistics.median(r.samples_per_s)
+        lines.append(f"{r.preset:<12} {params_of(model_cfg):>7,}  {flops / 1e6:>12.1f}  "
+                     f"{rate:>9.1f}  {rate * flops / 1e9:>7.1f}  "
+                     f"{ratio_vs(r, baseline):>7.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
