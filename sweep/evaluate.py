@@ -21,7 +21,13 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from data.mixture import load_sources
 from data.sources import DataError
 from model.unet import ConfigError
-from sweep.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from sweep import storage
+from sweep.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from sweep.device import choose_fast_path, pick_device
 from sweep.plots import plot_separations
 from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
@@ -29,7 +35,9 @@ from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("checkpoint", type=Path, help="checkpoint.pt or its directory")
+    parser.add_argument("checkpoint", help="checkpoint.pt or its directory, or its URI in "
+                        "object storage (s3://...: scored from a local copy, beside which the "
+                        "PNG goes)")
     parser.add_argument("--pairs", type=int, default=TEST_PAIRS,
                         help="pairs per test set (default %(default)s, the protocol)")
     parser.add_argument("--png", type=Path, default=None,
@@ -45,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.checkpoint = local_copy(args.checkpoint)
         state = load_checkpoint(args.checkpoint)
         fast = choose_fast_path(pick_device())
         model = model_from_checkpoint(state, fast.device)
         mixture = state["model_config"]["mixture"]
         sources = load_sources(fast.device)
-    except (CheckpointError, ConfigError, DataError) as e:
+    except (CheckpointError, ConfigError, DataError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     params = sum(p.numel() for p in model.parameters())
@@ -69,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"png: {png}")
     return 0
+
+
+def local_copy(checkpoint: str) -> Path:
+    """The checkpoint file on this disk: a local path as it is, an object's copy."""
+    if not storage.is_uri(checkpoint):
+        return Path(checkpoint)
+    if not checkpoint.endswith(".pt"):  # its directory, as for a local one
+        checkpoint = storage.join(checkpoint, CHECKPOINT_FILE)
+    try:
+        return storage.download_file(checkpoint)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors: missing, unreachable, denied
+        reason = "no such checkpoint" if isinstance(e, FileNotFoundError) else storage.why(e)
+        raise storage.StorageError(f"{checkpoint}: {reason}") from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.unet import ConfigError, UNetConfig, params_of, train_flops_per_sample
+from sweep import storage
 from sweep.checkpoint import CHECKPOINT_FILE
 from sweep.files import write_csv
 from sweep.plots import plot_pareto
@@ -47,26 +48,26 @@ def trial_status(tune_status: str, result: dict) -> str:
         tune_status, tune_status.lower())
 
 
-def error_path(trial) -> Path | None:
+def error_path(trial) -> str | None:
     """Tune's error.txt of a trial, in the experiment directory (Tune writes it in a
     staging directory under Ray's session first, and copies it at each snapshot)."""
     name = trial.run_metadata.error_filename
     if not name:
         return None
-    stored = Path(trial.path) / name
-    if stored.exists():
+    stored = storage.uri_of(trial.storage.storage_filesystem, f"{trial.path}/{name}")
+    if storage.exists(stored):
         return stored
     try:  # not copied yet: the staging copy, while Ray runs
         staged = Path(trial.error_file)
     except Exception:  # noqa: BLE001 - Ray is down: there is no staging directory
         return None
-    return staged if staged.exists() else None
+    return str(staged) if staged.exists() else None
 
 
 def error_line(trial) -> str:
     """The gist of the trial's last failure: the last line of Tune's error.txt."""
     path = error_path(trial)
-    lines = path.read_text().strip().splitlines() if path else []
+    lines = storage.read_bytes(path).decode().strip().splitlines() if path else []
     return lines[-1].strip()[:300] if lines else ""
 
 
@@ -116,7 +117,10 @@ def checkpoint_file(trial, result: dict) -> str:
     an older one): that result names its file itself (trainable.py)."""
     if "checkpoint_file" in result:
         return result["checkpoint_file"]
-    return str(Path(trial.checkpoint.path) / CHECKPOINT_FILE) if trial.checkpoint else ""
+    if not trial.checkpoint:
+        return ""
+    stored = storage.uri_of(trial.checkpoint.filesystem, trial.checkpoint.path)
+    return f"{stored}/{CHECKPOINT_FILE}"
 
 
 def pareto_front(params: pd.Series, mse: pd.Series) -> pd.Series:
@@ -152,21 +156,28 @@ def write_report(trials, csv_path: Path, ending: str | None = None,
     return df
 
 
-def load_trials(experiment: Path) -> list:
+def load_trials(experiment: str | Path) -> list:
+    """The trials of an experiment, a directory or a URI (s3://...), as Ray Tune saved them."""
     from ray.tune import ExperimentAnalysis
 
-    return ExperimentAnalysis(str(experiment.resolve())).trials
+    return ExperimentAnalysis(storage.normalize(str(experiment))).trials
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("experiment", nargs="?", type=Path, default=Path("runs/sweep"),
-                        help="experiment directory (default runs/sweep)")
+    parser.add_argument("experiment", nargs="?", type=storage.normalize, default="runs/sweep",
+                        help="experiment directory, or its URI (s3://bucket/prefix/NAME); "
+                             "default runs/sweep")
     parser.add_argument("--out", type=Path, default=Path("results/report.csv"))
     args = parser.parse_args(argv)
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a directory; give a file path")
-    if not args.experiment.is_dir() or not any(args.experiment.glob("experiment_state*.json")):
+    try:
+        states = storage.names(args.experiment, "experiment_state*.json")
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors: unreachable, denied, ...
+        print(f"error: {args.experiment}: {storage.why(e)}", file=sys.stderr)
+        return 2
+    if not states:
         print(f"error: {args.experiment} is not a sweep's experiment directory "
               "(no experiment_state*.json in it)", file=sys.stderr)
         return 2

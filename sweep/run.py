@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -31,7 +30,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
-from sweep.files import atomic_write
+from sweep import storage
 from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")
@@ -52,7 +51,7 @@ class UsageError(Exception):
 @dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"
-    storage: Path = Path("runs")
+    storage: str = "runs"  # a directory, or a URI pyarrow understands (sweep/storage.py)
     report: Path = Path("results/report.csv")
     trials: int = 6
     objective: str = "mse"
@@ -74,8 +73,15 @@ class SweepConfig:
     fresh: bool = False
 
     @property
+    def experiment_uri(self) -> str:
+        """Where Ray Tune keeps the experiment: a directory, or s3://bucket/prefix/NAME."""
+        return storage.join(storage.normalize(self.storage), self.name)
+
+    @property
     def experiment(self) -> Path:
-        return self.storage.resolve() / self.name
+        """The experiment on this disk: the experiment itself, or for object storage the
+        local folder of the driver's lock and the checkpoints copied to resume from."""
+        return storage.local_dir(self.experiment_uri)
 
 
 def number(kind: type, allow_zero: bool = False, most: float = math.inf):
@@ -95,25 +101,15 @@ def number(kind: type, allow_zero: bool = False, most: float = math.inf):
     return parse
 
 
-def local_dir(text: str) -> Path:
-    """An argparse type for --storage. The lock, the settings file and the report live beside
-    the experiment, so it must be a filesystem path (on a cluster: one every node mounts).
-    Checked before Path() folds "s3://b" into "s3:/b", a local directory nobody meant."""
-    if "://" in text:
-        raise argparse.ArgumentTypeError(f"expected a directory path, got the URI {text!r}; "
-                                         "on a cluster use a shared filesystem such as NFS")
-    return Path(text)
-
-
 def parse_args(argv: list[str] | None) -> SweepConfig:
     d = SweepConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default=d.name, help="experiment name (default %(default)s)")
-    p.add_argument("--storage", type=local_dir, default=d.storage,
-                   help="experiment root; on a cluster a directory every node mounts "
-                        "(default %(default)s)")
+    p.add_argument("--storage", type=storage.normalize, default=d.storage,
+                   help="experiment root: a directory (on a cluster one every node mounts) "
+                        "or object storage such as s3://bucket/prefix (default %(default)s)")
     p.add_argument("--report", type=Path, default=d.report, help="default %(default)s")
     p.add_argument("--trials", type=number(int), default=d.trials)
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
@@ -209,7 +205,13 @@ def check(c: SweepConfig) -> None:
     if not c.name or "/" in c.name or c.name.startswith("."):
         raise UsageError(f"--name must be a plain directory name, got {c.name!r}")
     # Found now, not when the first report is written after an hour of training.
-    check_writable("--storage", c.storage, want_dir=True)
+    if storage.is_uri(c.storage):
+        try:
+            storage.check_usable(c.storage)
+        except storage.StorageError as e:
+            raise UsageError(f"--storage {e}") from None
+    else:
+        check_writable("--storage", Path(c.storage), want_dir=True)
     check_writable("--report", c.report, want_dir=False)
 
 
@@ -253,7 +255,7 @@ def check_same_sweep(c: SweepConfig) -> None:
     count, budget, search, the live report's path) and would quietly ignore new ones; the
     trials would see some of them. Refuse a command that asks for others."""
     try:
-        saved = json.loads((c.experiment / SETTINGS_FILE).read_text())
+        saved = json.loads(storage.read_bytes(storage.join(c.experiment_uri, SETTINGS_FILE)))
     except (OSError, ValueError):  # a new sweep, or one begun before the file was kept
         return
     wanted = sweep_settings(c)
@@ -261,7 +263,7 @@ def check_same_sweep(c: SweepConfig) -> None:
     if differ:
         changes = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (asked: {wanted[k]})"
                             for k in differ)
-        raise UsageError(f"{c.experiment} is a sweep begun with {changes}; its own command "
+        raise UsageError(f"{c.experiment_uri} is a sweep begun with {changes}; its own command "
                          "continues it, --fresh or another --name starts a new one")
 
 
@@ -286,7 +288,7 @@ def lock_experiment(experiment: Path):
     return handle
 
 
-def save_final_states(experiment: Path, trials) -> None:
+def save_final_states(experiment: str, trials) -> None:
     """Write the driver's final trial states over stale ones in the saved experiment.
 
     Ray 2.60 does not snapshot a trial whose worker died for the last time: its state
@@ -294,10 +296,11 @@ def save_final_states(experiment: Path, trials) -> None:
     its actor gone, before marking the trial for the next snapshot), and report.py or a
     resume would read it as unfinished.
     """
-    states = sorted(experiment.glob("experiment_state-*.json"))
+    states = storage.names(experiment, "experiment_state-*.json")
     if not states:
         return
-    saved = json.loads(states[-1].read_text())
+    newest = storage.join(experiment, states[-1])
+    saved = json.loads(storage.read_bytes(newest))
     live = {t.trial_id: t for t in trials}
     changed = False
     for i, (state, _) in enumerate(saved["trial_data"]):
@@ -308,12 +311,12 @@ def save_final_states(experiment: Path, trials) -> None:
             saved["trial_data"][i] = list(trial.get_json_state())
             changed = True
     if changed:
-        atomic_write(states[-1], lambda f: f.write(json.dumps(saved).encode()))
+        storage.write_bytes(newest, json.dumps(saved).encode())
 
 
-def move_aside(experiment: Path) -> Path:
-    aside = experiment.with_name(f"{experiment.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(experiment, aside)
+def move_aside(experiment: str, name: str) -> str:
+    aside = storage.sibling(experiment, f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    storage.move(experiment, aside)
     return aside
 
 
@@ -408,13 +411,13 @@ def build_tuner(c: SweepConfig):
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial if has_gpus else 0}
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, experiment=str(c.experiment)), resources)
-    if tune.Tuner.can_restore(str(c.experiment)):
-        print(f"resuming the sweep in {c.experiment}")
+        tune.with_parameters(tune_trial, experiment=c.experiment_uri), resources)
+    if tune.Tuner.can_restore(c.experiment_uri):
+        print(f"resuming the sweep in {c.experiment_uri}")
         # The search space, the Optuna study, the trial count and the run config (the
         # progress callback too) come back from the experiment's tuner.pkl; finished trials
         # are kept, interrupted ones continue from their checkpoints.
-        return tune.Tuner.restore(str(c.experiment), trainable, resume_errored=True)
+        return tune.Tuner.restore(c.experiment_uri, trainable, resume_errored=True)
     return new_tuner(c, trainable)
 
 
@@ -463,16 +466,15 @@ def new_tuner(c: SweepConfig, trainable):
         reuse_actors=True, trial_dirname_creator=name_trial_dir)
     run_config = tune.RunConfig(
         name=c.name,
-        storage_path=str(c.storage.resolve()),
+        storage_path=storage.normalize(c.storage),  # Tune writes to object storage itself
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),  # a worker died
         callbacks=[make_progress(c)],
         verbose=0,
     )
-    c.experiment.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(sweep_settings(c), indent=1).encode()
-    atomic_write(c.experiment / SETTINGS_FILE, lambda f: f.write(settings))
-    print(f"new sweep in {c.experiment}: {c.trials} trials, up to {n_concurrent} at once")
+    storage.write_bytes(storage.join(c.experiment_uri, SETTINGS_FILE), settings)
+    print(f"new sweep in {c.experiment_uri}: {c.trials} trials, up to {n_concurrent} at once")
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
@@ -598,9 +600,9 @@ def sweep_under_lock(c: SweepConfig) -> int:
 
     from sweep.report import load_trials, write_report
 
-    experiment = c.experiment
-    if c.fresh and experiment.exists():
-        print(f"--fresh: moved the previous experiment to {move_aside(experiment)}")
+    experiment = c.experiment_uri
+    if c.fresh and storage.exists(experiment):
+        print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
     fill_data_cache()
     start_ray(c)

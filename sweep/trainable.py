@@ -17,6 +17,7 @@ from tensorboardX import SummaryWriter
 
 from data.mixture import Sources, load_sources
 from model.unet import ConfigError, params_of
+from sweep import storage
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import FastPath
 from sweep.scoring import separation_rows
@@ -79,8 +80,8 @@ def tune_trial(config: dict, experiment: str) -> None:
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, math.floor(cpus)))
     try:
-        trial_dir = Path(experiment) / trial_dir_name(tune.get_context().get_trial_id())
-        train_trial(config, trial_dir)
+        train_trial(config, storage.join(experiment, trial_dir_name(
+            tune.get_context().get_trial_id())))
     except ConfigError as e:
         end_with_error(f"config cannot be built: {e}")
     except Exception as e:
@@ -117,7 +118,9 @@ def fast_path_to_resume(fast: FastPath, cfg: TrainConfig,
             "it began on cpu and goes on there, where its random pairs are drawn")
 
 
-def train_trial(config: dict, trial_dir: Path) -> None:
+def train_trial(config: dict, trial_uri: str) -> None:
+    """`trial_uri`: the trial's directory in the experiment, or its URI in object storage,
+    whose checkpoints are copied to `trial_dir` on this node's disk (storage.download)."""
     model_cfg, cfg = split_config(config)
     params = params_of(model_cfg)
     where = {
@@ -128,6 +131,7 @@ def train_trial(config: dict, trial_dir: Path) -> None:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
 
+    trial_dir = storage.download(trial_uri, "checkpoint_*")
     resume, resume_file, note = newest_good_checkpoint(trial_dir)
     try:
         fast, moved = fast_path_to_resume(cfg.fast_path(), cfg, resume)
@@ -145,7 +149,8 @@ def train_trial(config: dict, trial_dir: Path) -> None:
     if resume and resume["metrics"].get("status") in ("finished", "diverged"):
         # It ended before the driver died, after Tune's last snapshot: report, never re-run.
         # The snapshot may know none of its checkpoints: the report takes this one's file.
-        report({**where, **resume["metrics"], **first, "checkpoint_file": str(resume_file)})
+        stored = storage.join(trial_uri, resume_file.parent.name, resume_file.name)
+        report({**where, **resume["metrics"], **first, "checkpoint_file": stored})
         return
     # Straight into the trial's directory in the experiment, beside its checkpoints: a
     # reused worker's working directory is not always the one Tune syncs for this trial.
@@ -157,6 +162,7 @@ def train_trial(config: dict, trial_dir: Path) -> None:
             writer.add_image("val/mixture|true1|true2|pred1|pred2", rows, metrics["epoch"],
                              dataformats="HW")
             writer.flush()
+            storage.upload(trial_dir / "images", storage.join(trial_uri, "images"))
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
                 report({**where, **metrics, **first}, checkpoint_dir=directory)

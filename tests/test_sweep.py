@@ -74,7 +74,6 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     (["--address", "auto", "--cpus", "2"], "--address"),
     (["--gpu", "4"], "--gpu"),
     (["--trial", "5"], "--trial"),  # no abbreviations: a resume compares exact settings
-    (["--storage", "s3://bucket/runs"], "--storage"),
 ])
 def test_bad_flags_are_refused_with_one_line(tmp_path, capsys, argv, flag):
     try:
