@@ -43,6 +43,7 @@ from model.unet import (
     preset,
     train_flops_per_sample,
 )
+from sweep import signals
 from sweep.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -426,6 +427,7 @@ def set_threads(threads: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.handle_sigterm_as_ctrl_c()  # a batch scheduler's SIGTERM: the same as Ctrl-C
     args = parse_args(argv)
     try:
         model_cfg, cfg = configs_from_args(args)
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is whole (written atomically)
         where = f"its last epoch ({ckpt_path})" if ckpt_path.exists() else "the start"
         print(f"\ninterrupted: the same command resumes from {where}", file=sys.stderr)
-        return 130
+        return signals.interrupted_exit_code()  # 130 after a Ctrl-C, 143 after a SIGTERM
     print(f"checkpoint: {ckpt_path}")
     return 1 if metrics.get("status") == "diverged" else 0
 

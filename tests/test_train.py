@@ -188,7 +188,8 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_cli_resume_after_kill_or_ctrl_c_is_exact(cli_run: Path, tmp_path: Path,
                                                   sig: signal.Signals) -> None:
     out = tmp_path / "run"
@@ -211,8 +212,8 @@ def test_cli_resume_after_kill_or_ctrl_c_is_exact(cli_run: Path, tmp_path: Path,
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    if sig == signal.SIGINT:  # one line saying where it goes on, no traceback
-        assert proc.returncode == 130, err.decode()
+    if sig != signal.SIGKILL:  # one line saying where it goes on, no traceback
+        assert proc.returncode == 128 + sig, err.decode()  # 130, or 143 for SIGTERM
         assert err.decode().strip() == ("interrupted: the same command resumes from its "
                                         f"last epoch ({ckpt})")
     else:
