@@ -19,7 +19,6 @@ against CPU-minutes and against samples) go to results/<out>/.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -61,10 +61,12 @@ def configs(name: str) -> tuple[UNetConfig, TrainConfig]:
     return replace(BASELINE, **model), replace(RECIPE, **train)
 
 
-def cpu_rates(names: list[str], sources, rounds: int = 3, steps: int = 30) -> dict[str, float]:
+def cpu_rates(names: list[str], sources, rounds: int = 5, steps: int = 20) -> dict[str, float]:
     """Training samples per CPU-second of each variant's real step: after a warm-up, the
-    median of `rounds` rounds of `steps` steps, the variants interleaved round by round,
-    so that a busy moment of the machine does not favour one of them."""
+    best of `rounds` rounds of `steps` steps, the variants interleaved round by round.
+    The best, not the median: others' load (caches, memory bandwidth) only ever slows a
+    round down, and a median of three still differed by 30% between two variants whose
+    steps do the same work (measured beside a test run)."""
     steppers = {}
     for name in names:
         model_cfg, cfg = configs(name)
@@ -80,8 +82,7 @@ def cpu_rates(names: list[str], sources, rounds: int = 3, steps: int = 30) -> di
             for _ in range(steps):
                 step()
             seconds[name].append(time.process_time() - start)
-    return {name: steps * RECIPE.batch_size / statistics.median(s)
-            for name, s in seconds.items()}
+    return {name: steps * RECIPE.batch_size / min(s) for name, s in seconds.items()}
 
 
 def plan(names: list[str], minutes: float, plan_file: Path) -> pd.DataFrame:
@@ -136,12 +137,13 @@ def report(budgets: pd.DataFrame, runs: Path, results: Path) -> pd.DataFrame:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, fig, (by_time, by_samples) = [], *plt.subplots(1, 2, figsize=(12, 4.5))
+    rows, curves, fig, (by_time, by_samples) = [], {}, *plt.subplots(1, 2, figsize=(12, 4.5))
     for b in budgets.itertuples():
         history = runs / b.variant / "metrics.csv"
         if not history.exists():
             continue
         df = pd.read_csv(history)
+        curves[b.variant] = df.set_index("epoch").val_mse
         cpu_minutes = df.samples / b.samples_per_cpu_s / 60
         by_time.plot(cpu_minutes, df.val_mse, marker=".", label=b.variant)
         by_samples.plot(df.samples, df.val_mse, marker=".", label=b.variant)
@@ -161,7 +163,31 @@ def report(budgets: pd.DataFrame, runs: Path, results: Path) -> pd.DataFrame:
         base = table.loc[table.variant == "baseline", "val_mse"].iloc[0]
         table["vs_baseline"] = (table.val_mse / base - 1).map(lambda r: f"{r:+.1%}")
     write_csv(table, results / "table.csv")
+    if agreement := rank_agreement(pd.DataFrame(curves)):
+        print("ranking after each epoch vs the final one (Kendall tau): "
+              + ", ".join(f"epoch {e}: {tau:.2f}" for e, tau in agreement.items()))
     return table
+
+
+def rank_agreement(val_by_epoch: pd.DataFrame) -> dict[int, float]:
+    """How far the variants' ranking after each epoch agrees with the final one (Kendall's
+    tau over the finished runs): how long a sweep's trials must run for their ranking to
+    mean something. Rows: epochs; columns: variants."""
+    finished = val_by_epoch.dropna(axis=1)
+    if finished.shape[1] < 3:
+        return {}
+    final = finished.iloc[-1].to_numpy()
+    return {int(epoch): kendall_tau(row.to_numpy(), final)
+            for epoch, row in finished.iterrows()}
+
+
+def kendall_tau(a, b) -> float:
+    """(concordant - discordant pairs) / all pairs; ties count as neither."""
+    n, score = len(a), 0.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            score += float(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]))
+    return score / (n * (n - 1) / 2)
 
 
 def main(argv: list[str] | None = None) -> int:
