@@ -15,8 +15,10 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -30,7 +32,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
-from sweep import storage
+from sweep import signals, storage, study
 from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")
@@ -70,6 +72,7 @@ class SweepConfig:
     time_budget: float | None = None  # seconds
     max_params: int | None = 100_000
     seed: int = 0
+    study_storage: str | None = None  # an Optuna RDB URL; None: SQLite in the experiment
     fresh: bool = False
 
     @property
@@ -143,6 +146,10 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                         "(default %(default)s; 0 = no limit)")
     p.add_argument("--seed", type=number(int, allow_zero=True, most=2**32 - 1), default=d.seed,
                    help="Optuna's sampler seed, 0 to 2**32-1 (default %(default)s)")
+    p.add_argument("--study-storage", type=study.check_url, default=d.study_storage,
+                   help="Optuna storage of the study, e.g. postgresql://user@host/db "
+                        "(default: an SQLite file in the experiment); see "
+                        "docs/optuna-dashboard.md")
     p.add_argument("--fresh", action="store_true",
                    help="start over; the old experiment is moved aside, not deleted")
     args = p.parse_args(argv)
@@ -250,6 +257,24 @@ def sweep_settings(c: SweepConfig) -> dict:
             for k, v in asdict(c).items() if k not in WHERE_FIELDS}
 
 
+def as_flags(c: SweepConfig) -> str:
+    """The settings as the flags that give them (`--trials 6 --max-epochs 2 ...`), to print."""
+    flags = []
+    for key, value in asdict(c).items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or key == "fresh":  # a default that is no value; a one-off action
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+            continue
+        if key == "study_storage":
+            text = study.shown(value)  # its password masked
+        else:
+            text = format(value, "g") if isinstance(value, float) else str(value)
+        flags.append(f"{flag} {shlex.quote(text)}")
+    return " ".join(flags)
+
+
 def check_same_sweep(c: SweepConfig) -> None:
     """Tune resumes a sweep with the settings it began with (kept in its tuner.pkl: trial
     count, budget, search, the live report's path) and would quietly ignore new ones; the
@@ -326,8 +351,11 @@ def start_ray(c: SweepConfig) -> None:
     import ray
     import torch
 
+    # Ray's start-up lines off the console (its token-authentication notice among them):
+    # warnings and errors still show.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if c.address:
-        ray.init(address=c.address, log_to_driver=False)
+        ray.init(address=c.address, log_to_driver=False, logging_level=logging.WARNING)
         return
     if c.gpus and not torch.cuda.is_available():
         # Logical GPUs on a CPU machine (for testing the scheduling): ray.init refuses when
@@ -338,7 +366,7 @@ def start_ray(c: SweepConfig) -> None:
         # this machine; without it ray.init joins theirs (and refuses num_cpus there).
         ray.init(address="local", num_cpus=c.cpus, num_gpus=c.gpus, include_dashboard=False,
                  dashboard_host="127.0.0.1", log_to_driver=False,
-                 object_store_memory=200 * 1024**2)
+                 object_store_memory=200 * 1024**2, logging_level=logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -402,6 +430,11 @@ def build_tuner(c: SweepConfig):
     # Snapshot the experiment every 2 s (Tune's default: 10 s or more). A killed driver
     # resumes from the last snapshot; trials also pick up newer checkpoints from disk.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # ... and, at that rate, without Tune's warning that snapshots come often.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own console output off (its experiment table, and a TensorBoard path into
+    # Ray's temp folder): our progress lines say what happens and where the results are.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
@@ -427,7 +460,6 @@ def new_tuner(c: SweepConfig, trainable):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     constants = {"epochs": c.max_epochs, "samples_per_epoch": c.samples_per_epoch,
                  "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed}
@@ -446,8 +478,10 @@ def new_tuner(c: SweepConfig, trainable):
     # concurrency limit Tune wraps the searcher and would not pass them on.
     objective = (dict(metric=["val_mse", "params"], mode=["min", "min"])
                  if c.objective == "pareto" else dict(metric="val_mse", mode="min"))
-    search = OptunaSearch(define_by_run, sampler=sampler, **objective,
-                          points_to_evaluate=start_points() if c.warm_start else None)
+    # The study in real storage, named after the experiment, for optuna-dashboard.
+    search = study.StudySearch(define_by_run, sampler=sampler, **objective,
+                               points_to_evaluate=start_points() if c.warm_start else None,
+                               study_name=c.name, storage=study.open_storage(study.url_of(c)))
     scheduler = None  # FIFO: every trial runs all its epochs
     if c.early_stop:
         # A rung whose trials all ended in error or divergence holds only NaN: ASHA's
@@ -597,6 +631,7 @@ def sweep(c: SweepConfig) -> int:
 
 def sweep_under_lock(c: SweepConfig) -> int:
     import ray
+    from ray import tune
 
     from sweep.report import load_trials, write_report
 
@@ -604,12 +639,16 @@ def sweep_under_lock(c: SweepConfig) -> int:
     if c.fresh and storage.exists(experiment):
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
+    study_url = study.prepare(c, new=not tune.Tuner.can_restore(experiment))
     fill_data_cache()
     start_ray(c)
+    signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own
     try:
         check_fits(c)
         tuner = build_tuner(c)
-        print(f"settings: {asdict(c)}")
+        print(f"settings: {as_flags(c)}")
+        print(f"study: {c.name!r} in {study.shown(study_url)}; watch it live with "
+              f"{study.dashboard_command(study_url)}")
         grid, ctrl_c = fit_noting_ctrl_c(tuner)
         # The trials as the driver saw them end; the saved experiment can lag (below).
         # After a Ctrl-C, not: Tune marks the trials it stopped TERMINATED in memory only,
@@ -628,6 +667,8 @@ def sweep_under_lock(c: SweepConfig) -> int:
               f"room: python sweep/report.py {experiment} --out {c.report}", file=sys.stderr)
         return 1
     unfinished = df["status"].isin(["running", "pending", "paused"]).sum()
+    if not ctrl_c and not unfinished:
+        study.close_study(study_url, c.name)
     print(df["status"].value_counts().to_string())
     best = df[df["val_mse"].notna()].sort_values("val_mse").head(1)
     if len(best):
@@ -636,7 +677,8 @@ def sweep_under_lock(c: SweepConfig) -> int:
               f"{int(row.params)} params\n  checkpoint: {row.checkpoint}\n"
               f"  evaluate:   python sweep/evaluate.py {row.checkpoint}")
     print(f"report: {c.report} (and {c.report.with_name('pareto.png')})\n"
-          f"tensorboard: tensorboard --logdir {experiment}")
+          f"tensorboard: tensorboard --logdir {experiment}\n"
+          f"study: {study.dashboard_command(study_url)}")
     if not ctrl_c and c.time_budget and not unfinished and len(df) < c.trials:
         # Tune stopped the running trials and started no more. Its clock is saved with
         # the experiment, so the same command would end at once: say what would go on.
@@ -645,21 +687,22 @@ def sweep_under_lock(c: SweepConfig) -> int:
     elif ctrl_c or unfinished or len(df) < c.trials:
         print(f"interrupted: {len(df) - unfinished}/{c.trials} trials ended; run the same "
               "command to continue")
-        return 130
+        return signals.interrupted_exit_code()  # 130 after a Ctrl-C, 143 after a SIGTERM
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.handle_sigterm_as_ctrl_c()  # a scheduler's SIGTERM: the same as a Ctrl-C
     try:
         config = parse_args(argv)
         return sweep(config)
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, study.StudyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside Tune's graceful stop: start-up, or a second Ctrl-C
         print("\ninterrupted: run the same command to continue (from the experiment's last "
               "snapshot, if it has one)", file=sys.stderr)
-        return 130
+        return signals.interrupted_exit_code()
 
 
 if __name__ == "__main__":

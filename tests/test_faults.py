@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_study import check_study_matches_report
 from test_sweep import REPO, results, sweep_args
 
 from model.unet import ConfigError, params_of, preset
@@ -33,6 +34,7 @@ from sweep.files import atomic_write
 from sweep.report import COLUMNS, build_report
 from sweep.space import SMALLEST
 from sweep.space import space as real_space
+from sweep.study import default_url
 from sweep.train import TrainConfig, check_resumable, run_trial, split_config
 
 RUN_PY = REPO / "sweep" / "run.py"
@@ -184,8 +186,9 @@ def finished_checkpoints(experiment: Path) -> dict[Path, bytes]:
 def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_path, capsys):
     """SIGKILL the driver during start-up, the instant it starts rewriting the report, and
     after the last trial but before the final report; each time the same command goes on.
-    In the end every trial is in the report once and no epoch was trained twice. While a
-    driver runs, a second one on the same experiment is refused and changes nothing."""
+    In the end every trial is in the report once, and in the stored Optuna study in the
+    state the report gives it, and no epoch was trained twice. While a driver runs, a
+    second one on the same experiment is refused and changes nothing."""
     experiment, report, trials = tmp_path / "runs" / "sweep", tmp_path / "report.csv", 3
     argv = sweep_args(tmp_path, "--trials", str(trials), "--max-epochs", "1",
                       "--test-pairs", "0")
@@ -245,16 +248,20 @@ def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_pa
         assert len(runs) == 1, f"trial {trial} trained its epoch {len(runs)} times: {rows}"
     assert kept and all(path.read_bytes() == data for path, data in kept.items())
     assert not list(tmp_path.glob(".report.csv.*")) + list(tmp_path.glob(".pareto.png.*"))
+    # The stored Optuna study too: each trial told once, none left RUNNING by a kill.
+    check_study_matches_report(default_url(experiment), df)
 
 
 def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes_on(
         tmp_path):
-    """Ctrl-C (SIGINT) the driver three times; each time it exits 130 and the same command
-    goes on. During start-up (a traceback before); the instant a trial ends, in a sweep
-    with a time budget (it said the budget was used up and exited 0 when no trial was left
-    running to show otherwise); mid-trial (that trial was saved as ended, "stopped early",
-    and never continued). In the end every trial has finished; no ended trial trained
-    again, the one stopped mid-trial went on from its newest checkpoint."""
+    """Ctrl-C (SIGINT) the driver, or SIGTERM it as a batch scheduler does; each time it
+    exits 130 (143 for SIGTERM) and the same command goes on. During start-up (a traceback
+    before; SIGTERM, a silent death); the instant a trial ends, in a sweep with a time
+    budget (it said the budget was used up and exited 0 when no trial was left running to
+    show otherwise); mid-trial, by SIGTERM (that trial was saved as ended, "stopped
+    early", and never continued; SIGTERM printed Ray's C++ stack dump and aborted). In the
+    end every trial has finished, in the report and in the stored Optuna study; no ended
+    trial trained again, the one stopped mid-trial went on from its newest checkpoint."""
     experiment, report = tmp_path / "runs" / "sweep", tmp_path / "report.csv"
     # One trial at a time, of 4 short epochs: a Ctrl-C after its first or second lands
     # mid-trial even if Tune lets the trial end the epoch under way.
@@ -269,11 +276,12 @@ def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes
                 if rows and rows[-1]["status"] == "finished"}
 
     # 0. During start-up, before Tune's graceful stop is in place: one line, no traceback.
-    driver = Driver(argv, kill_on=r"^data: ", sig=signal.SIGINT)
-    assert driver.wait() == 130, driver.output[-3000:]
-    assert "Traceback" not in driver.output and driver.lines[-1] == (
-        "interrupted: run the same command to continue (from the experiment's last snapshot, "
-        "if it has one)"), driver.output[-3000:]
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        driver = Driver(argv, kill_on=r"^data: ", sig=sig)
+        assert driver.wait() == code, driver.output[-3000:]
+        assert "Traceback" not in driver.output and driver.lines[-1] == (
+            "interrupted: run the same command to continue (from the experiment's last "
+            "snapshot, if it has one)"), driver.output[-3000:]
 
     # 1. The instant the first trial ends.
     driver = Driver(argv, kill_on=r" ended \(", sig=signal.SIGINT)
@@ -294,10 +302,12 @@ def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes
     driver = Driver(argv)
     driver.wait_until(lambda: mid_trial() is not None, "the other trial's first epochs")
     stopped = mid_trial()
-    driver.proc.send_signal(signal.SIGINT)
-    assert driver.wait() == 130, driver.output[-3000:]
+    driver.proc.send_signal(signal.SIGTERM)  # as Slurm or Kubernetes would, ahead of a kill
+    assert driver.wait() == 143, driver.output[-3000:]
     assert interrupted.search(driver.output), driver.output[-3000:]
-    assert stopped not in finished(), "it finished before the Ctrl-C: no mid-trial stop"
+    assert "SIGTERM received" not in driver.output, driver.output[-3000:]  # Ray's dump
+    assert "Tuner.restore" not in driver.output  # Tune's advice: ours is the same command
+    assert stopped not in finished(), "it finished before the SIGTERM: no mid-trial stop"
     # Tune lets a stopped trial end the step it is in; an epoch it so ends is kept too.
     newest = newest_epoch_on_disk(experiment / f"trial_{stopped}")
     assert newest >= 1
@@ -312,6 +322,7 @@ def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes
         assert {(r["epoch"], r["train_seconds"]) for r in after[trial]} == \
             {(r["epoch"], r["train_seconds"]) for r in rows}
     assert after[stopped][-1]["resumed_from_epoch"] == newest, after[stopped]
+    check_study_matches_report(default_url(experiment), df)
 
 
 # --- a trial's worker killed; its checkpoints damaged ------------------------------------------

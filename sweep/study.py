@@ -1,0 +1,202 @@
+"""The sweep's Optuna study, kept in real Optuna storage while the sweep runs, so that
+optuna-dashboard (or `optuna.load_study`) can read it live and after the end.
+
+By default an SQLite file in the experiment directory (it moves with the experiment on
+`--fresh`); `--study-storage URL` names an Optuna RDB storage instead (PostgreSQL, MySQL),
+e.g. where the experiment directory is on NFS, which SQLite's locking does not trust.
+The study is named after the experiment (`--name`).
+
+Tune pickles the searcher, study handle included, with each experiment snapshot and gives
+it back on a resume. After a killed driver that snapshot lags the storage, which Optuna
+writes at once; `StudySearch.restore` reconciles the two, so that the stored study stays
+true: no trial stays RUNNING forever, none is told twice.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+STUDY_FILE = "optuna-study.db"  # in the experiment directory, the default storage
+
+
+class StudyError(Exception):
+    """The study storage cannot be used: one line naming the URL and the fix."""
+
+
+def default_url(experiment: Path) -> str:
+    return f"sqlite:///{experiment.resolve() / STUDY_FILE}"
+
+
+def check_url(text: str) -> str:
+    """An argparse type for --study-storage: an RDB URL Optuna (SQLAlchemy) can parse."""
+    import argparse
+
+    import sqlalchemy
+
+    try:
+        sqlalchemy.engine.make_url(text)
+    except sqlalchemy.exc.ArgumentError:
+        raise argparse.ArgumentTypeError(
+            f"expected a database URL such as postgresql://user@host/db or "
+            f"sqlite:////abs/path.db, got {text!r}") from None
+    return text
+
+
+def shown(url: str) -> str:
+    """The URL as printed: any password masked."""
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def dashboard_command(url: str) -> str:
+    return f"optuna-dashboard {shlex.quote(shown(url))}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url`, its tables created if new; a StudyError naming the
+    URL if it cannot be opened (a server that does not answer, a missing driver, a bad
+    password), before any trial starts."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our line says where the study is
+    try:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors are many
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ModuleNotFoundError):  # Optuna's ImportError hides the name
+            reason = f"its database driver {cause.name} is not installed"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StudyError(f"--study-storage {shown(url)}: cannot open it ({reason}); give an "
+                         "Optuna RDB URL that this machine can reach") from None
+
+
+def check_new_study(url: str, name: str) -> None:
+    """A new sweep needs its study name free in the storage. A study with no trial run is
+    what a driver killed during start-up leaves: it goes. One with trials belongs to
+    another sweep: refused, as Optuna would otherwise continue it."""
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+        ran = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+        if not ran:
+            optuna.delete_study(study_name=name, storage=storage)
+            return
+    except KeyError:  # no such study: the usual case
+        return
+    finally:
+        storage.engine.dispose()
+    raise StudyError(f"--study-storage {shown(url)} already holds a study named {name!r} "
+                     f"with {len(ran)} trials; use another --name, or delete it: "
+                     f"optuna delete-study --study-name {name} --storage "
+                     f"{shlex.quote(shown(url))}")
+
+
+def outcome(result: dict | None, metric: str | list[str], error: bool
+            ) -> tuple[TrialState, list[float] | None]:
+    """Optuna's state and values for a trial Tune ended. Ray's OptunaSearch tells every
+    ended trial COMPLETE, and Optuna refuses a NaN value (a diverged trial, a config the
+    model refused): the trial then stayed RUNNING in the storage. A trial that ended before
+    its last epoch (ASHA, the time budget) is PRUNED: Optuna keeps its last reported val_mse
+    as its value, and TPE ranks it below the trials that finished."""
+    result = result or {}
+    metrics = metric if isinstance(metric, list) else [metric]
+    values = [result.get(m) for m in metrics]
+    if error or not result or any(v is None or not math.isfinite(v) for v in values):
+        return TrialState.FAIL, None
+    if result.get("status") not in ("finished", "diverged", "error"):
+        return TrialState.PRUNED, None
+    return TrialState.COMPLETE, values
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch with its study in real storage, kept true across resumes."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None and "trial_id" not in trial.user_attrs:
+            trial.set_user_attr("trial_id", trial_id)  # the report's id, in the dashboard
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:  # told before the driver was killed
+            return
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        state, values = outcome(result, self.metric, error)
+        trial = self._ot_trials[trial_id]
+        if result and result.get("status"):
+            trial.set_user_attr("status", result["status"])
+        # skip_if_finished: a trial is told once, whatever a resume replays.
+        self._ot_study.tell(trial, values, state=state, skip_if_finished=True)
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's last snapshot of the searcher, reconciled with the storage, which may be
+        ahead of it after a killed driver:
+        - a trial asked for after the snapshot is unknown to the resumed Tune, which never
+          runs it: it would stay RUNNING forever; it is marked FAIL;
+        - a trial told after the snapshot is one the snapshot still shows running: Tune
+          runs it again from its last checkpoint, and telling it again would raise
+          (UpdateFinishedTrialError for its results); it counts as told."""
+        super().restore(checkpoint_path)
+        known = {trial.number: trial_id for trial_id, trial in self._ot_trials.items()}
+        for frozen in self._ot_study.get_trials(deepcopy=False):
+            trial_id = known.get(frozen.number)
+            if trial_id is None and frozen.state == TrialState.RUNNING:
+                self._ot_study._storage.set_trial_user_attr(
+                    frozen._trial_id, "status", "lost: suggested after the driver's last "
+                    "snapshot, and the driver was killed")
+                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+            elif trial_id is not None and frozen.state.is_finished():
+                self._completed_trials.add(trial_id)
+
+
+def close_study(url: str, name: str) -> None:
+    """At a sweep's end: trials Tune stopped without telling the searcher (the time budget
+    ran out) are PRUNED, not left RUNNING."""
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_user_attr(trial._trial_id, "status", "stopped early")
+            study.tell(trial.number, state=TrialState.PRUNED)
+    finally:
+        storage.engine.dispose()
+
+
+def url_of(c) -> str:
+    """The study's storage URL for a sweep's config (run.py's SweepConfig)."""
+    return c.study_storage or default_url(c.experiment)
+
+
+def prepare(c, new: bool) -> str:
+    """Open the study's storage before Ray starts (an unreachable database is found now),
+    and for a new sweep make room for its study; returns the URL. The default file is the
+    experiment's own: one left by an earlier sweep (object storage keeps the experiment
+    elsewhere, so --fresh moves only that) is moved aside, as --fresh moves experiments."""
+    url = url_of(c)
+    if new and not c.study_storage:
+        file = Path(url.removeprefix("sqlite:///"))
+        try:
+            check_new_study(url, c.name)
+        except StudyError:
+            file.rename(file.with_name(f"{file.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+    elif new:
+        check_new_study(url, c.name)
+    else:
+        open_storage(url).engine.dispose()
+    return url

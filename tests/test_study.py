@@ -1,0 +1,252 @@
+"""The sweep's Optuna study in real storage: optuna-dashboard reads it over HTTP, a resume
+after a killed driver leaves it true, and a storage that cannot be used is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from sweep import run, study
+from sweep.space import space
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--samples-per-epoch", "512", "--val-pairs", "100", "--test-pairs", "0",
+        "--max-params", "20000", "--max-epochs", "1"]
+# Where a report's status puts a trial in the study.
+STATES = {"finished": TrialState.COMPLETE, "stopped early": TrialState.PRUNED,
+          "diverged": TrialState.FAIL, "error": TrialState.FAIL}
+
+
+def stored_trials(url: str, name: str = "sweep") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def check_study_matches_report(url: str, report: pd.DataFrame) -> None:
+    """Every trial of the report is one trial of the stored study, in the state its status
+    says; any other stored trial is one a killed driver lost (FAIL); none is RUNNING."""
+    trials = stored_trials(url)
+    by_id = {t.user_attrs.get("trial_id"): t for t in trials}
+    assert len(by_id) == len(trials), "two stored trials name the same Tune trial"
+    for row in report.itertuples():
+        trial = by_id[row.trial_id]
+        assert trial.state == STATES[row.status], (row, trial)
+        if trial.state == TrialState.COMPLETE:
+            assert math.isclose(trial.values[0], row.val_mse, rel_tol=1e-6), (row, trial)
+    for trial in trials:
+        if trial.user_attrs.get("trial_id") not in set(report["trial_id"]):
+            assert trial.state == TrialState.FAIL, trial
+            assert trial.user_attrs["status"].startswith("lost: suggested after"), trial
+
+
+# --- resume: the snapshot lags the storage -------------------------------------------------
+
+def new_search(url: str) -> study.StudySearch:
+    define_by_run = functools.partial(space, constants={}, max_params=20_000)  # as run.py's
+    return study.StudySearch(define_by_run, metric="val_mse", mode="min", study_name="sweep",
+                             storage=study.open_storage(url),
+                             sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_a_resume_from_a_lagging_snapshot_leaves_no_trial_running_and_tells_none_twice(
+        tmp_path):
+    """What Tune does around a killed driver, on real storage: it pickles the searcher at
+    the start (tuner.pkl) and with every snapshot; after the kill it unpickles the first
+    and restores the last snapshot into it. Here trial c was asked for and trial a told
+    after the last snapshot. Ray's OptunaSearch left c RUNNING forever and raised
+    UpdateFinishedTrialError on a's next result, which ended the resumed sweep."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = new_search(url)
+    at_start = pickle.dumps(search)
+    for trial_id in ("a", "b"):
+        search.suggest(trial_id)
+        search.on_trial_result(trial_id, {"val_mse": 0.5, "training_iteration": 1})
+    search.save(str(tmp_path / "snapshot.pkl"))
+    search.suggest("c")  # ... then the driver is killed
+    search.on_trial_result("a", {"val_mse": 0.2, "training_iteration": 2})
+    search.on_trial_complete("a", {"val_mse": 0.2, "status": "finished"})
+
+    resumed = pickle.loads(at_start)
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    number = {"a": 0, "b": 1, "c": 2, "d": 3}  # the order they were asked for
+    states = {t.number: t.state for t in stored_trials(url)}
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.RUNNING, 2: TrialState.FAIL}
+    # Tune runs a again (its snapshot shows it running) and b on from its checkpoint.
+    for trial_id in ("a", "b"):
+        resumed.on_trial_result(trial_id, {"val_mse": 0.1, "training_iteration": 2})
+    resumed.on_trial_complete("a", {"val_mse": 0.1, "status": "finished"})
+    resumed.on_trial_complete("b", {"val_mse": 0.3, "status": "running"})  # ASHA stopped it
+    resumed.suggest("d")
+    resumed.on_trial_complete("d", {"val_mse": math.nan, "status": "diverged"})
+    trials = {k: stored_trials(url)[n] for k, n in number.items()}
+    assert all(trials[k].user_attrs["trial_id"] == k for k in "abd")  # the dashboard shows it
+    assert trials["a"].state == TrialState.COMPLETE and trials["a"].value == 0.2  # told once
+    assert trials["b"].state == TrialState.PRUNED and trials["b"].value == 0.1  # last value
+    assert trials["c"].state == TrialState.FAIL
+    assert trials["d"].state == TrialState.FAIL  # NaN: Ray's OptunaSearch left it RUNNING
+
+
+def test_outcome_of_each_way_a_trial_ends():
+    ok = {"val_mse": 0.1, "params": 1000}
+    assert study.outcome({**ok, "status": "finished"}, "val_mse", False) == (
+        TrialState.COMPLETE, [0.1])
+    assert study.outcome({**ok, "status": "finished"}, ["val_mse", "params"], False) == (
+        TrialState.COMPLETE, [0.1, 1000])
+    assert study.outcome({**ok, "status": "running"}, "val_mse", False)[0] == TrialState.PRUNED
+    assert study.outcome({**ok, "status": "finished"}, "val_mse", True)[0] == TrialState.FAIL
+    assert study.outcome({"val_mse": math.nan, "status": "error"}, "val_mse", False)[0] == \
+        TrialState.FAIL
+    assert study.outcome(None, "val_mse", False)[0] == TrialState.FAIL
+
+
+# --- the storage refused before anything starts ---------------------------------------------
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_study_storage_that_cannot_be_used_is_refused_with_one_line(tmp_path, capsys):
+    argv = ["--storage", str(tmp_path / "runs"), "--report", str(tmp_path / "report.csv"),
+            *TINY]
+    taken = f"sqlite:///{tmp_path / 'shared.db'}"
+    other = optuna.create_study(study_name="sweep", storage=taken)
+    other.add_trial(optuna.trial.create_trial(value=1.0))
+    cases = [
+        (taken, f"error: --study-storage {taken} already holds a study named 'sweep' with 1 "
+                f"trials; use another --name, or delete it: optuna delete-study --study-name "
+                f"sweep --storage {taken}"),
+        (f"postgresql://sweeper:secret@127.0.0.1:{closed_port()}/studies",
+         "error: --study-storage postgresql://sweeper:***@127.0.0.1:"),
+        ("not a url", "error: argument --study-storage: expected a database URL"),
+    ]
+    for url, error in cases:
+        started = time.monotonic()
+        try:
+            code = run.main([*argv, "--study-storage", url])
+        except SystemExit as e:  # argparse's own refusal
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and error in err[-1], err
+        assert "secret" not in err[-1] and "Traceback" not in "\n".join(err)
+        assert not list(tmp_path.glob("runs/sweep/experiment_state*"))
+        assert time.monotonic() - started < 15
+    assert len(stored_trials(taken)) == 1  # the other sweep's study is untouched
+
+
+# --- optuna-dashboard on a finished sweep ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, pd.DataFrame, str]:
+    """A tiny sweep run to its end: (study storage URL, report, driver output)."""
+    tmp = tmp_path_factory.mktemp("study-sweep")
+    argv = ["--storage", str(tmp / "runs"), "--report", str(tmp / "report.csv"), *TINY,
+            "--trials", "3", "--cpus", "2"]
+    # Its own process, stderr with stdout, as a user sees it (Ray logs to stderr).
+    done = subprocess.run([sys.executable, "-u", str(REPO / "sweep" / "run.py"), *argv],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return (study.default_url(tmp / "runs" / "sweep"), pd.read_csv(tmp / "report.csv"),
+            done.stdout)
+
+
+@contextlib.contextmanager
+def dashboard(url: str) -> Iterator[str]:
+    """optuna-dashboard serving `url` on 127.0.0.1; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("optuna-dashboard")), url,
+               "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/meta", timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    pytest.fail(f"optuna-dashboard did not start: {server.stdout.read()}")
+                time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def test_optuna_dashboard_shows_the_finished_sweep_as_the_report_does(finished_sweep):
+    url, report, out = finished_sweep
+    # The driver says where the study is, as the command to run.
+    assert f"study: optuna-dashboard {url}" in out.splitlines()
+    check_study_matches_report(url, report)
+    with dashboard(url) as base:
+        [summary] = get(f"{base}/api/studies")["study_summaries"]
+        assert summary["study_name"] == "sweep" and summary["directions"] == ["minimize"]
+        detail = get(f"{base}/api/studies/{summary['study_id']}")
+    shown = {next(a["value"] for a in t["user_attrs"] if a["key"] == "trial_id"): t
+             for t in detail["trials"]}
+    assert sorted(shown) == sorted(report["trial_id"])
+    for row in report.itertuples():
+        trial = shown[row.trial_id]
+        assert trial["state"] == STATES[row.status].name.capitalize(), trial["state"]
+        if row.status == "finished":
+            assert math.isclose(trial["values"][0], row.val_mse, rel_tol=1e-6)
+        params = {p["name"]: p["param_external_value"] for p in trial["params"]}
+        assert float(params["lr"]) == pytest.approx(row.lr)
+        assert int(params["batch_size"]) == row.batch_size
+    best = report.loc[report["val_mse"].idxmin()]
+    [best_trial] = detail["best_trials"]
+    assert shown[best.trial_id]["number"] == best_trial["number"]
+
+
+def test_the_first_screen_shows_our_lines_not_rays(finished_sweep):
+    """Ray's token-authentication notice, Tune's experiment table and its TensorBoard path
+    into Ray's temp folder, Optuna's "A new study created": gone. The settings print as
+    the flags that give them."""
+    _, _, out = finished_sweep
+    first = out.splitlines()[:6]
+    assert [line.split(" ")[0] for line in first] == [
+        "data:", "data:", "new", "settings:", "study:", "["], first
+    assert first[3].startswith("settings: --name sweep --storage ") and "--trials 3" in first[3]
+    assert "PosixPath" not in out
+    for theirs in ("Token authentication", "View detailed results", "Configuration for exp",
+                   "A new study created", "/tmp/ray/session", "snapshotting"):
+        assert theirs not in out, theirs
+
+
+def test_trials_the_time_budget_stopped_are_pruned_at_the_end(tmp_path):
+    """Tune stops them without telling the searcher: they stayed RUNNING in the storage."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = new_search(url)
+    search.suggest("a")
+    search.on_trial_result("a", {"val_mse": 0.5, "training_iteration": 1})
+    study.close_study(url, "sweep")
+    [trial] = stored_trials(url)
+    assert trial.state == TrialState.PRUNED and trial.value == 0.5
+    assert trial.user_attrs["status"] == "stopped early"
