@@ -69,7 +69,7 @@ def test_a_resume_from_a_lagging_snapshot_leaves_no_trial_running_and_tells_none
     the start (tuner.pkl) and with every snapshot; after the kill it unpickles the first
     and restores the last snapshot into it. Here trial c was asked for and trial a told
     after the last snapshot. Ray's OptunaSearch left c RUNNING forever and raised
-    UpdateFinishedTrialError on a's next result, which ended the resumed sweep."""
+    UpdateFinishedTrialError on a's next result, which failed the trial."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     search = new_search(url)
     at_start = pickle.dumps(search)
@@ -150,21 +150,53 @@ def test_a_study_storage_that_cannot_be_used_is_refused_with_one_line(tmp_path, 
     assert len(stored_trials(taken)) == 1  # the other sweep's study is untouched
 
 
-# --- optuna-dashboard on a finished sweep ---------------------------------------------------
+# --- a sweep killed and resumed, then shown in optuna-dashboard -----------------------------
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, pd.DataFrame, str]:
-    """A tiny sweep run to its end: (study storage URL, report, driver output)."""
+    """A tiny sweep, its driver SIGKILLed when its snapshot lags the storage in both ways,
+    then resumed to its end: (study storage URL, report, the first driver's output).
+
+    Two trials, one at a time; Tune snapshots the experiment once, at the start (its
+    period set to an hour), when it knows the first trial only. The kill falls once the
+    second trial has started: the first was told COMPLETE after that snapshot, the second
+    asked for after it."""
     tmp = tmp_path_factory.mktemp("study-sweep")
-    argv = ["--storage", str(tmp / "runs"), "--report", str(tmp / "report.csv"), *TINY,
-            "--trials", "3", "--cpus", "2"]
+    argv = [sys.executable, "-u", str(REPO / "sweep" / "run.py"), "--storage",
+            str(tmp / "runs"), "--report", str(tmp / "report.csv"), *TINY, "--trials", "2",
+            "--cpus", "2", "--cpus-per-trial", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     # Its own process, stderr with stdout, as a user sees it (Ray logs to stderr).
-    done = subprocess.run([sys.executable, "-u", str(REPO / "sweep" / "run.py"), *argv],
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
+    log = tmp / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(argv, env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"},
+                                  stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while len(list((tmp / "runs" / "sweep").glob("trial_*"))) < 2:
+        if driver.poll() is not None or time.monotonic() > deadline:
+            driver.kill()
+            pytest.fail(f"the second trial never started:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    resumed = subprocess.run(argv, env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=300)
+    # With Ray's OptunaSearch alone, the first trial's result raised Optuna's
+    # UpdateFinishedTrialError here, and the trial ended as an error.
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming the sweep" in resumed.stdout
     return (study.default_url(tmp / "runs" / "sweep"), pd.read_csv(tmp / "report.csv"),
-            done.stdout)
+            log.read_text())
+
+
+def test_a_killed_and_resumed_sweep_leaves_its_stored_study_true(finished_sweep):
+    """Read back with optuna.load_study: the first trial told once, the second (lost with
+    the driver) FAIL, not RUNNING forever; the trial that took its place COMPLETE."""
+    url, report, _ = finished_sweep
+    assert len(report) == 2 and (report["status"] == "finished").all(), report
+    check_study_matches_report(url, report)
+    assert [t.state for t in stored_trials(url)] == [
+        TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
 
 
 @contextlib.contextmanager
@@ -203,15 +235,16 @@ def get(url: str) -> dict:
 def test_optuna_dashboard_shows_the_finished_sweep_as_the_report_does(finished_sweep):
     url, report, out = finished_sweep
     # The driver says where the study is, as the command to run.
-    assert f"study: optuna-dashboard {url}" in out.splitlines()
-    check_study_matches_report(url, report)
+    assert f"watch it live with optuna-dashboard {url}" in out
     with dashboard(url) as base:
         [summary] = get(f"{base}/api/studies")["study_summaries"]
         assert summary["study_name"] == "sweep" and summary["directions"] == ["minimize"]
         detail = get(f"{base}/api/studies/{summary['study_id']}")
     shown = {next(a["value"] for a in t["user_attrs"] if a["key"] == "trial_id"): t
              for t in detail["trials"]}
-    assert sorted(shown) == sorted(report["trial_id"])
+    lost = {k: t for k, t in shown.items() if k not in set(report["trial_id"])}
+    assert len(shown) == len(report) + len(lost)
+    assert [t["state"] for t in lost.values()] == ["Fail"]  # lost with the killed driver
     for row in report.itertuples():
         trial = shown[row.trial_id]
         assert trial["state"] == STATES[row.status].name.capitalize(), trial["state"]
@@ -233,7 +266,7 @@ def test_the_first_screen_shows_our_lines_not_rays(finished_sweep):
     first = out.splitlines()[:6]
     assert [line.split(" ")[0] for line in first] == [
         "data:", "data:", "new", "settings:", "study:", "["], first
-    assert first[3].startswith("settings: --name sweep --storage ") and "--trials 3" in first[3]
+    assert first[3].startswith("settings: --name sweep --storage ") and "--trials 2" in first[3]
     assert "PosixPath" not in out
     for theirs in ("Token authentication", "View detailed results", "Configuration for exp",
                    "A new study created", "/tmp/ray/session", "snapshotting"):
