@@ -107,10 +107,13 @@ def outcome(result: dict | None, metric: str | list[str], error: bool
     model refused): the trial then stayed RUNNING in the storage. A trial that ended before
     its last epoch (ASHA, the time budget) is PRUNED: Optuna keeps its last reported val_mse
     as its value, and TPE ranks it below the trials that finished."""
-    result = result or {}
+    if error:
+        return TrialState.FAIL, None
+    if not result:  # stopped before its first result (Ray's choice too)
+        return TrialState.PRUNED, None
     metrics = metric if isinstance(metric, list) else [metric]
     values = [result.get(m) for m in metrics]
-    if error or not result or any(v is None or not math.isfinite(v) for v in values):
+    if any(v is None or not math.isfinite(v) for v in values):
         return TrialState.FAIL, None
     if result.get("status") not in ("finished", "diverged", "error"):
         return TrialState.PRUNED, None

@@ -111,7 +111,8 @@ def test_outcome_of_each_way_a_trial_ends():
     assert study.outcome({**ok, "status": "finished"}, "val_mse", True)[0] == TrialState.FAIL
     assert study.outcome({"val_mse": math.nan, "status": "error"}, "val_mse", False)[0] == \
         TrialState.FAIL
-    assert study.outcome(None, "val_mse", False)[0] == TrialState.FAIL
+    assert study.outcome(None, "val_mse", False)[0] == TrialState.PRUNED  # before it began
+    assert study.outcome(None, "val_mse", True)[0] == TrialState.FAIL
 
 
 # --- the storage refused before anything starts ---------------------------------------------
