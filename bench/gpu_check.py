@@ -1,7 +1,8 @@
 """One short check that the trial, its fast path and its speed hold on a real CUDA GPU.
 
-    python bench/gpu_check.py --write-idx gpu-data        # where the data is: ~42 MB to carry
-    python bench/gpu_check.py --mnist-dir gpu-data/mnist --fashion-dir gpu-data/fashion-mnist
+    python bench/gpu_check.py --write-idx runs/gpu-data   # where the data is: 40 MB to carry
+    python3 bench/gpu_check.py --mnist-dir runs/gpu-data/mnist \
+        --fashion-dir runs/gpu-data/fashion-mnist          # on the GPU machine
     python bench/gpu_check.py --device cpu --quick        # a dry run without a GPU (the tests)
 
 It needs torch, numpy, pandas and matplotlib, never Ray or Optuna, and takes the images from
@@ -136,7 +137,7 @@ QUICK = Plan(
     batches={"reference": (1,), "small": (4,)},
     compile_batches={},  # a CPU compile takes minutes: not in a dry run
     matmul_size=256,
-    trial_args=("--preset", "tiny", "--epochs", "2", "--samples-per-epoch", "1024",
+    trial_args=("--preset", "tiny", "--epochs", "2", "--samples-per-epoch", "2048",
                 "--val-pairs", "100", "--threads", "1"),
     eval_pairs=100,
     # One thread, as the trials have: two on a 2-core machine that is busy spin and wait.
@@ -333,7 +334,7 @@ def train_interrupted_and_resumed(ctx: Context) -> Path:
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline and not ckpt.exists():
-            time.sleep(0.05)
+            time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # inside epoch 2: its checkpoint is never written
         _, err = proc.communicate(timeout=120)
@@ -341,6 +342,9 @@ def train_interrupted_and_resumed(ctx: Context) -> Path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if proc.returncode == 0:
+        raise CheckFailed("train.py finished epoch 2 before the Ctrl-C landed: the Plan's "
+                          "epochs are too short for this machine")
     if proc.returncode != 130:
         raise CheckFailed(f"train.py interrupted after epoch 1: exit {proc.returncode}, "
                           f"expected 130 (Ctrl-C): {last_line(err)}")

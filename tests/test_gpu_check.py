@@ -133,3 +133,13 @@ def test_a_resumed_run_is_held_to_the_noise_between_straight_runs() -> None:
         resume_verdict(straight, state(1.0 + 1e-3), noisy)
     with pytest.raises(CheckFailed, match="resumed run ended at epoch 1"):
         resume_verdict(straight, state(1.0, epoch=1), noisy)
+
+
+def test_each_trial_sees_the_checked_gpu_as_its_only_one(monkeypatch) -> None:
+    # What runs only on a GPU machine, checked here: the CUDA_VISIBLE_DEVICES of the trials.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_check.cuda_view(torch.device("cuda")) == "0"
+    assert gpu_check.cuda_view(torch.device("cuda:2")) == "2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # cuda:1 is the machine's GPU 7
+    assert gpu_check.cuda_view(torch.device("cuda:1")) == "7"
