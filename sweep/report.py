@@ -142,14 +142,15 @@ def build_report(records: list[dict]) -> pd.DataFrame:
 
 
 def write_report(trials, csv_path: Path, ending: str | None = None,
-                 plot: bool = True) -> pd.DataFrame:
+                 plot: bool = True, others=()) -> pd.DataFrame:
     """Rewrite report.csv and (with `plot`) pareto.png beside it from Tune trials,
     atomically.
 
     `ending`: the id of a trial that has ended but that Tune marks TERMINATED only after
-    its on_trial_complete callbacks, which is where the sweep rewrites the report."""
+    its on_trial_complete callbacks, which is where the sweep rewrites the report.
+    `others`: trials of another experiment reported beside these (a long run's source)."""
     df = build_report([trial_record(t, "TERMINATED" if t.trial_id == ending else None)
-                       for t in trials])
+                       for t in trials] + [trial_record(t) for t in others])
     write_csv(df, csv_path)
     if plot and df["val_mse"].notna().any():
         plot_pareto(df, csv_path.with_name("pareto.png"))

@@ -3,6 +3,7 @@
     python sweep/run.py                  # small CPU-sized default sweep, a few minutes
     python sweep/run.py --gpus 4         # 4 GPUs, one trial per GPU
     python sweep/run.py --address auto   # join a running Ray cluster
+    python sweep/run.py --from runs/sweep --top 3 --samples 15000000   # train the front long
 
 Run the same command again after an interruption and the sweep continues where it
 stopped; `--fresh` starts over (the old run is moved aside, never deleted).
@@ -24,7 +25,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a plain checkout
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
-from sweep import signals, storage, study
+from sweep import long_runs, signals, storage, study
 from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")
@@ -73,6 +74,10 @@ class SweepConfig:
     max_params: int | None = 100_000
     seed: int = 0
     study_storage: str | None = None  # an Optuna RDB URL; None: SQLite in the experiment
+    # Long runs (sweep/long_runs.py): this experiment's best front configs, trained long.
+    from_experiment: str | None = None
+    top: int | None = None  # how many of its front's configs (default 3)
+    samples: int | None = None  # training samples per long run
     fresh: bool = False
 
     @property
@@ -150,9 +155,24 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                    help="Optuna storage of the study, e.g. postgresql://user@host/db "
                         "(default: an SQLite file in the experiment); see "
                         "docs/optuna-dashboard.md")
+    long = p.add_argument_group("long runs: train the best configs of a sweep's front long")
+    long.add_argument("--from", dest="from_experiment", type=storage.normalize,
+                      help="the sweep's experiment (directory or URI); its front's configs "
+                           "with the lowest val MSE, within --max-params, are trained as "
+                           "the trials of a new experiment, NAME-long by default")
+    long.add_argument("--top", type=number(int), help="how many configs (default 3)")
+    long.add_argument("--samples", type=number(int),
+                      help="training samples per long run, in --max-epochs epochs "
+                           f"(default {long_runs.LONG_EPOCHS}); each is scored on the full "
+                           "test protocol at the end")
     p.add_argument("--fresh", action="store_true",
                    help="start over; the old experiment is moved aside, not deleted")
     args = p.parse_args(argv)
+    if args.from_experiment:  # other defaults fit a long run: parse again with them
+        p.set_defaults(**long_runs.defaults(args.from_experiment))
+        args = p.parse_args(argv)
+        if args.samples:
+            args.samples_per_epoch = math.ceil(args.samples / args.max_epochs)
     val_pairs, test_pairs = scoring_pairs(args.samples_per_epoch, args.max_epochs)
     args.val_pairs = val_pairs if args.val_pairs is None else args.val_pairs
     args.test_pairs = test_pairs if args.test_pairs is None else args.test_pairs
@@ -160,7 +180,32 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     check(config)
     if config.address:
         check_reachable(config.address)
+    if config.from_experiment:
+        config = replace(config, trials=long_run_count(config))
     return config
+
+
+def long_run_count(c: SweepConfig) -> int:
+    """How many long runs: as many as the experiment began with when it resumes (the
+    source's front may have moved since), else as many as the source's front gives."""
+    try:
+        saved = json.loads(storage.read_bytes(storage.join(c.experiment_uri, SETTINGS_FILE)))
+        return saved["trials"]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        configs = long_run_configs(c)
+    except long_runs.SourceError as e:
+        raise UsageError(f"--from {e}") from None
+    if not configs:
+        raise UsageError(f"--from {c.from_experiment}: no trial on its front has a val MSE"
+                         + (f" within --max-params {c.max_params}" if c.max_params else ""))
+    return len(configs)
+
+
+def long_run_configs(c: SweepConfig) -> list[dict]:
+    return long_runs.front_configs(c.from_experiment, c.top, c.max_params or None,
+                                   c.samples, c.max_epochs, c.val_pairs, c.test_pairs)
 
 
 def scoring_pairs(samples_per_epoch: int, max_epochs: int) -> tuple[int, int]:
@@ -186,6 +231,10 @@ def first_rung(samples_per_epoch: int, max_epochs: int) -> int:
 
 def check(c: SweepConfig) -> None:
     """Cross-flag checks argparse cannot do alone."""
+    if not c.from_experiment and (c.top or c.samples):
+        raise UsageError("--top and --samples choose long runs; give --from EXPERIMENT too")
+    if c.from_experiment and not c.samples:
+        raise UsageError("--from needs --samples: how many samples each long run trains on")
     if c.gpus and c.gpus_per_trial > c.gpus:
         raise UsageError(f"--gpus-per-trial {c.gpus_per_trial:g} is more than --gpus {c.gpus:g}")
     if c.cpus is not None and c.cpus_per_trial > c.cpus:
@@ -200,7 +249,7 @@ def check(c: SweepConfig) -> None:
         if torch.cuda.is_available() and c.gpus > torch.cuda.device_count():
             raise UsageError(f"--gpus {c.gpus:g} is more than the {torch.cuda.device_count()} "
                              "GPUs of this machine (logical GPUs only where there is none)")
-    if c.samples_per_epoch < max(BATCH_SIZES):
+    if not c.from_experiment and c.samples_per_epoch < max(BATCH_SIZES):
         raise UsageError(f"--samples-per-epoch {c.samples_per_epoch} is less than the largest "
                          f"batch size in the space, {max(BATCH_SIZES)}")
     if c.max_params and c.max_params < params_of(SMALLEST):
@@ -261,7 +310,7 @@ def as_flags(c: SweepConfig) -> str:
     """The settings as the flags that give them (`--trials 6 --max-epochs 2 ...`), to print."""
     flags = []
     for key, value in asdict(c).items():
-        flag = "--" + key.replace("_", "-")
+        flag = "--from" if key == "from_experiment" else "--" + key.replace("_", "-")
         if value is None or key == "fresh":  # a default that is no value; a one-off action
             continue
         if isinstance(value, bool):
@@ -455,17 +504,45 @@ def build_tuner(c: SweepConfig):
 
 
 def new_tuner(c: SweepConfig, trainable):
-    """A new sweep's Tuner (Optuna's search, ASHA, the budget, the progress callback), and
-    its settings file, which a resume is checked against (check_same_sweep)."""
-    import optuna
+    """A new sweep's Tuner (the search, ASHA, the budget, the progress callback), and its
+    settings file, which a resume is checked against (check_same_sweep)."""
     from ray import tune
+
+    n_concurrent = concurrency(c)
+    search, scheduler, param_space = (long_run_search(c) if c.from_experiment
+                                      else optuna_search(c))
+    tune_config = tune.TuneConfig(
+        search_alg=search, scheduler=scheduler, num_samples=c.trials,
+        # (Tune lifts Optuna's one pending trial by it; a list of configs needs no limit)
+        max_concurrent_trials=None if c.from_experiment else n_concurrent,
+        time_budget_s=c.time_budget,
+        # A worker goes on to the next trial: no new process, torch import or data load.
+        reuse_actors=True, trial_dirname_creator=name_trial_dir)
+    run_config = tune.RunConfig(
+        name=c.name,
+        storage_path=storage.normalize(c.storage),  # Tune writes to object storage itself
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),  # a worker died
+        callbacks=[make_progress(c)],
+        verbose=0,
+    )
+    settings = json.dumps(sweep_settings(c), indent=1).encode()
+    storage.write_bytes(storage.join(c.experiment_uri, SETTINGS_FILE), settings)
+    print(f"new sweep in {c.experiment_uri}: {c.trials} trials, up to {n_concurrent} at once")
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config,
+                      param_space=param_space)
+
+
+def optuna_search(c: SweepConfig):
+    """Optuna's search over the space, its study in real storage; ASHA (or FIFO); the
+    space is Optuna's (define-by-run), so Tune's param_space is empty."""
+    import optuna
     from ray.tune.schedulers import ASHAScheduler
 
     constants = {"epochs": c.max_epochs, "samples_per_epoch": c.samples_per_epoch,
                  "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed}
     define_by_run = functools.partial(space, constants=constants,
                                       max_params=c.max_params or None)
-    n_concurrent = concurrency(c)
     if c.search == "random":  # the baseline the search-efficiency bench compares with
         sampler = optuna.samplers.RandomSampler(seed=c.seed)
     else:
@@ -493,32 +570,44 @@ def new_tuner(c: SweepConfig, trainable):
         scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="epoch",
                                   max_t=c.max_epochs, reduction_factor=2,
                                   grace_period=first_rung(c.samples_per_epoch, c.max_epochs))
-    tune_config = tune.TuneConfig(
-        search_alg=search, scheduler=scheduler, num_samples=c.trials,
-        max_concurrent_trials=n_concurrent, time_budget_s=c.time_budget,
-        # A worker goes on to the next trial: no new process, torch import or data load.
-        reuse_actors=True, trial_dirname_creator=name_trial_dir)
-    run_config = tune.RunConfig(
-        name=c.name,
-        storage_path=storage.normalize(c.storage),  # Tune writes to object storage itself
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),  # a worker died
-        callbacks=[make_progress(c)],
-        verbose=0,
-    )
-    settings = json.dumps(sweep_settings(c), indent=1).encode()
-    storage.write_bytes(storage.join(c.experiment_uri, SETTINGS_FILE), settings)
-    print(f"new sweep in {c.experiment_uri}: {c.trials} trials, up to {n_concurrent} at once")
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    return search, scheduler, {}
+
+
+def long_run_search(c: SweepConfig):
+    """The chosen configs, one trial each, every one run to its end: no search, FIFO.
+    Tune takes a trial's config from its point only for keys its param_space names."""
+    from ray.tune.search import BasicVariantGenerator
+
+    configs = long_run_configs(c)
+    print(f"long runs of {len(configs)} configs of {c.from_experiment}'s front, "
+          f"{c.samples:,} samples each")
+    keys = dict.fromkeys(k for config in configs for k in config)
+    return BasicVariantGenerator(points_to_evaluate=configs), None, keys
 
 
 
 # --- progress and the live report ---------------------------------------------------------
 
+def source_trials(c: SweepConfig) -> list:
+    """The trials of the sweep long runs come from: in their report too, so that
+    pareto.png draws both (the long runs' full-protocol test scores apart)."""
+    if not c.from_experiment:
+        return []
+    from sweep.report import load_trials
+
+    try:
+        return load_trials(c.from_experiment)
+    except (OSError, ValueError, KeyError) as e:  # gone since (another machine): say so
+        print(f"warning: the report leaves out {c.from_experiment} ({e})", flush=True)
+        return []
+
+
 def make_progress(c: SweepConfig):
     from ray import tune
 
     from sweep.report import error_line, trial_status, write_report
+
+    earlier = source_trials(c)
 
     class Progress(tune.Callback):
         """Prints a line on each trial's news (at most every 10 s for results) and rewrites
@@ -566,7 +655,7 @@ def make_progress(c: SweepConfig):
                 self.last_plot = time.monotonic()
             try:
                 write_report(trials, c.report, ending=ending.trial_id if ending else None,
-                             plot=plot)
+                             plot=plot, others=earlier)
             except OSError as e:  # a full disk must not end the sweep; the old file stays
                 print(f"warning: {e}; the sweep goes on and tries again when the next "
                       "trial ends", flush=True)
@@ -639,7 +728,9 @@ def sweep_under_lock(c: SweepConfig) -> int:
     if c.fresh and storage.exists(experiment):
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
-    study_url = study.prepare(c, new=not tune.Tuner.can_restore(experiment))
+    # Long runs search nothing: no study.
+    study_url = None if c.from_experiment else study.prepare(
+        c, new=not tune.Tuner.can_restore(experiment))
     fill_data_cache()
     start_ray(c)
     signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own
@@ -647,8 +738,9 @@ def sweep_under_lock(c: SweepConfig) -> int:
         check_fits(c)
         tuner = build_tuner(c)
         print(f"settings: {as_flags(c)}")
-        print(f"study: {c.name!r} in {study.shown(study_url)}; watch it live with "
-              f"{study.dashboard_command(study_url)}")
+        if study_url:
+            print(f"study: {c.name!r} in {study.shown(study_url)}; watch it live with "
+                  f"{study.dashboard_command(study_url)}")
         grid, ctrl_c = fit_noting_ctrl_c(tuner)
         # The trials as the driver saw them end; the saved experiment can lag (below).
         # After a Ctrl-C, not: Tune marks the trials it stopped TERMINATED in memory only,
@@ -661,13 +753,14 @@ def sweep_under_lock(c: SweepConfig) -> int:
     finally:
         ray.shutdown()
     try:
-        df = write_report(trials, c.report)
+        df = write_report(trials, c.report, others=source_trials(c))
     except OSError as e:  # the results are all in the experiment; only the summary failed
         print(f"error: {e}\n  every trial's results are kept in {experiment}; when there is "
               f"room: python sweep/report.py {experiment} --out {c.report}", file=sys.stderr)
         return 1
+    df = df[df["trial_id"].isin({t.trial_id for t in trials})]  # a long run's source aside
     unfinished = df["status"].isin(["running", "pending", "paused"]).sum()
-    if not ctrl_c and not unfinished:
+    if study_url and not ctrl_c and not unfinished:
         study.close_study(study_url, c.name)
     print(df["status"].value_counts().to_string())
     best = df[df["val_mse"].notna()].sort_values("val_mse").head(1)
@@ -677,8 +770,9 @@ def sweep_under_lock(c: SweepConfig) -> int:
               f"{int(row.params)} params\n  checkpoint: {row.checkpoint}\n"
               f"  evaluate:   python sweep/evaluate.py {row.checkpoint}")
     print(f"report: {c.report} (and {c.report.with_name('pareto.png')})\n"
-          f"tensorboard: tensorboard --logdir {experiment}\n"
-          f"study: {study.dashboard_command(study_url)}")
+          f"tensorboard: tensorboard --logdir {experiment}")
+    if study_url:
+        print(f"study: {study.dashboard_command(study_url)}")
     if not ctrl_c and c.time_budget and not unfinished and len(df) < c.trials:
         # Tune stopped the running trials and started no more. Its clock is saved with
         # the experiment, so the same command would end at once: say what would go on.

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from model.unet import PRESETS, params_of, train_flops_per_sample
+from sweep import long_runs, run
 from sweep import report as report_cli
-from sweep import run
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
 from sweep.space import SMALLEST, space, start_points
 from sweep.train import split_config
@@ -210,6 +210,8 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     assert run.main(argv) == 0
     assert results(experiment) == before
 
+    check_long_runs_of_the_front(experiment, tmp_path, capsys)
+
     # Another command on the same experiment: Tune would resume it with the settings it
     # began with and ignore the new ones, so it is refused (--fresh starts anew).
     capsys.readouterr()
@@ -237,6 +239,37 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     assert 0 < len(df) < 40 and "stopped early" in set(df["status"])
     assert f"time budget used up (10 s): {len(df)} of 40 trials ran" in out
     assert "interrupted" not in out
+
+
+def check_long_runs_of_the_front(source: Path, tmp_path: Path, capsys) -> None:
+    """--from SOURCE --top 2 --samples N: the two front configs with the lowest val MSE,
+    trained again for N samples as the trials of SOURCE-long, reported beside the source's
+    own trials; the same command again trains nothing."""
+    argv = ["--from", str(source), "--top", "2", "--samples", "1024", "--max-epochs", "2",
+            "--test-pairs", "100", "--storage", str(tmp_path / "runs"),
+            "--report", str(tmp_path / "long.csv")]
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "long runs of 2 configs" in out and "study:" not in out  # no search, no study
+    experiment = tmp_path / "runs" / f"{source.name}-long"
+    source_trials = load_trials(source)
+    chosen = [t.config for t in long_runs.pick_front(source_trials, 2, None)]
+    long_trials = load_trials(experiment)
+    budget = {"epochs", "samples_per_epoch", "val_pairs", "test_pairs"}
+    assert sorted(str({k: v for k, v in t.config.items() if k not in budget})
+                  for t in long_trials) == sorted(
+        str({k: v for k, v in c.items() if k not in budget}) for c in chosen)
+    for t in long_trials:  # whole batches, 2 epochs of at least 512 samples each
+        assert t.config["epochs"] == 2 and t.config["samples_per_epoch"] >= 512
+        assert t.config["samples_per_epoch"] % t.config["batch_size"] == 0
+    df = pd.read_csv(tmp_path / "long.csv")
+    assert len(df) == len(source_trials) + 2  # the source's rows beside the long runs'
+    ours = df[df["trial_id"].isin({t.trial_id for t in long_trials})]
+    assert (ours["status"] == "finished").all() and (ours["epochs"] == 2).all()
+    assert (ours["test_pairs"] == 100).all() and ours["test_mse_mean"].notna().all()
+    before = results(experiment)
+    assert run.main(argv) == 0 and results(experiment) == before
 
 
 def test_report_cli_refuses_a_directory_that_is_no_experiment(tmp_path, capsys):

@@ -1,0 +1,73 @@
+"""Search short, train long: a sweep's best configs trained for many samples, as a sweep.
+
+    python sweep/run.py --from runs/sweep --top 3 --samples 15000000
+
+takes the experiment's Pareto front (val MSE against parameters, within --max-params),
+and trains the --top configs with the lowest val MSE for --samples samples each, as the
+trials of a new experiment (default name: the source's name + "-long"). Ray Tune schedules
+them as any sweep's trials (on CPUs or GPUs, on a cluster), the same command resumes them,
+and each is scored on the full test protocol at the end. No search and no early stop: the
+configs are chosen, the point is their score.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import PurePosixPath
+
+LONG_EPOCHS = 40  # epochs of a long run unless --max-epochs says otherwise: a curve of 40
+# points, and validation (2,000 pairs an epoch) stays well under 1% of the training.
+LONG_VAL_PAIRS = 2_000
+FULL_TEST_PAIRS = 20_000  # the task's protocol: 10 sets of 20,000 pairs
+
+
+class SourceError(Exception):
+    """The experiment to take configs from cannot be read; the message names it."""
+
+
+def defaults(source: str) -> dict:
+    """run.py's defaults for long runs from `source`, where they differ from a sweep's."""
+    return {"name": f"{PurePosixPath(source.rstrip('/')).name}-long", "top": 3,
+            "max_epochs": LONG_EPOCHS, "max_params": 0, "early_stop": False,
+            "warm_start": False, "val_pairs": LONG_VAL_PAIRS, "test_pairs": FULL_TEST_PAIRS}
+
+
+def front_configs(source: str, top: int, max_params: int | None, samples: int, epochs: int,
+                  val_pairs: int, test_pairs: int) -> list[dict]:
+    """The long runs' configs: the chosen trials' configs with the long budget."""
+    from sweep import storage
+    from sweep.report import load_trials
+
+    try:
+        found = storage.names(source, "experiment_state*.json")
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors: unreachable, denied, ...
+        raise SourceError(f"{source}: {storage.why(e)}") from None
+    if not found:
+        raise SourceError(f"{source} is not a sweep's experiment (no experiment_state*.json "
+                          "in it)")
+    trials = pick_front(load_trials(source), top, max_params)
+    return [long_config(t.config, samples, epochs, val_pairs, test_pairs) for t in trials]
+
+
+def pick_front(trials, top: int, max_params: int | None) -> list:
+    """The `top` trials of the front (val MSE against params) with the lowest val MSE,
+    within max_params, best first."""
+    from sweep.report import build_report, trial_record
+
+    df = build_report([trial_record(t) for t in trials])
+    front = df[df["pareto"] & df["val_mse"].notna()]
+    if max_params:
+        front = front[front["params"] <= max_params]
+    chosen = front.nsmallest(top, "val_mse")["trial_id"].tolist()
+    by_id = {t.trial_id: t for t in trials}
+    return [by_id[trial_id] for trial_id in chosen]
+
+
+def long_config(config: dict, samples: int, epochs: int, val_pairs: int,
+                test_pairs: int) -> dict:
+    """A short trial's config, given the long budget: `samples` in `epochs` epochs (whole
+    batches), and its scoring sizes (by default the task's). Model and training settings
+    stay as they were."""
+    per_epoch = math.ceil(samples / epochs / config["batch_size"]) * config["batch_size"]
+    return {**config, "epochs": epochs, "samples_per_epoch": per_epoch,
+            "val_pairs": val_pairs, "test_pairs": test_pairs}
