@@ -297,9 +297,12 @@ def params_of(config: UNetConfig) -> int:
 
 
 def train_flops_per_sample(config: UNetConfig) -> int:
-    """FLOPs of one training step per sample (forward + backward), counted by torch."""
-    model = UNet(config)
-    x = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
-    with FlopCounterMode(display=False) as counter:
-        model(x).square().mean().backward()
+    """FLOPs of one training step per sample (forward + backward), counted by torch on the
+    meta device: the same count as on the CPU, without the arithmetic (0.1 s, not 2-4 s
+    for `reference`)."""
+    with torch.device("meta"):
+        model = UNet(config)
+        x = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+        with FlopCounterMode(display=False) as counter:
+            model(x).square().mean().backward()
     return counter.get_total_flops() // 2
