@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from pathlib import PurePosixPath
 
+from sweep.scoring import TEST_PAIRS  # the task's protocol: 10 sets of 20,000 pairs
+
 LONG_EPOCHS = 40  # epochs of a long run unless --max-epochs says otherwise: a curve of 40
 # points, and validation (2,000 pairs an epoch) stays well under 1% of the training.
 LONG_VAL_PAIRS = 2_000
-FULL_TEST_PAIRS = 20_000  # the task's protocol: 10 sets of 20,000 pairs
 
 
 class SourceError(Exception):
@@ -29,7 +30,8 @@ def defaults(source: str) -> dict:
     """run.py's defaults for long runs from `source`, where they differ from a sweep's."""
     return {"name": f"{PurePosixPath(source.rstrip('/')).name}-long", "top": 3,
             "max_epochs": LONG_EPOCHS, "max_params": 0, "early_stop": False,
-            "warm_start": False, "val_pairs": LONG_VAL_PAIRS, "test_pairs": FULL_TEST_PAIRS}
+            "warm_start": False, "val_pairs": LONG_VAL_PAIRS, "test_pairs": TEST_PAIRS,
+            "samples_per_epoch": None}  # from --samples: given, it is refused
 
 
 def front_configs(source: str, top: int, max_params: int | None, samples: int, epochs: int,
@@ -45,7 +47,12 @@ def front_configs(source: str, top: int, max_params: int | None, samples: int, e
     if not found:
         raise SourceError(f"{source} is not a sweep's experiment (no experiment_state*.json "
                           "in it)")
-    trials = pick_front(load_trials(source), top, max_params)
+    try:
+        trials = load_trials(source)
+    except (KeyError, TypeError, ValueError) as e:  # Tune's state file, damaged or foreign
+        raise SourceError(f"{source}: Ray Tune cannot read its experiment state "
+                          f"({type(e).__name__}: {e})") from None
+    trials = pick_front(trials, top, max_params)
     return [long_config(t.config, samples, epochs, val_pairs, test_pairs) for t in trials]
 
 

@@ -148,7 +148,8 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     p.add_argument("--max-params", type=number(int, allow_zero=True),
                    default=d.max_params,
                    help="shrink suggested variants to at most this many parameters "
-                        "(default %(default)s; 0 = no limit)")
+                        "(default %(default)s; 0 = no limit; with --from: the front's "
+                        "configs within it, default no limit)")
     p.add_argument("--seed", type=number(int, allow_zero=True, most=2**32 - 1), default=d.seed,
                    help="Optuna's sampler seed, 0 to 2**32-1 (default %(default)s)")
     p.add_argument("--study-storage", type=study.check_url, default=d.study_storage,
@@ -171,8 +172,13 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     if args.from_experiment:  # other defaults fit a long run: parse again with them
         p.set_defaults(**long_runs.defaults(args.from_experiment))
         args = p.parse_args(argv)
-        if args.samples:
-            args.samples_per_epoch = math.ceil(args.samples / args.max_epochs)
+        if args.samples_per_epoch is not None:
+            raise UsageError("--samples-per-epoch does not go with --from: long runs take "
+                             "--samples in --max-epochs epochs")
+        if args.study_storage:
+            raise UsageError("--study-storage does not go with --from: long runs search "
+                             "nothing, so they keep no study")
+        args.samples_per_epoch = math.ceil((args.samples or 1) / args.max_epochs)
     val_pairs, test_pairs = scoring_pairs(args.samples_per_epoch, args.max_epochs)
     args.val_pairs = val_pairs if args.val_pairs is None else args.val_pairs
     args.test_pairs = test_pairs if args.test_pairs is None else args.test_pairs
@@ -188,11 +194,13 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
 def long_run_count(c: SweepConfig) -> int:
     """How many long runs: as many as the experiment began with when it resumes (the
     source's front may have moved since), else as many as the source's front gives."""
-    try:
-        saved = json.loads(storage.read_bytes(storage.join(c.experiment_uri, SETTINGS_FILE)))
-        return saved["trials"]
-    except (OSError, ValueError, KeyError):
-        pass
+    if not c.fresh:  # --fresh moves the old experiment aside: its count is not ours
+        try:
+            saved = json.loads(storage.read_bytes(storage.join(c.experiment_uri,
+                                                               SETTINGS_FILE)))
+            return saved["trials"]
+        except (OSError, ValueError, KeyError):
+            pass
     try:
         configs = long_run_configs(c)
     except long_runs.SourceError as e:
@@ -235,6 +243,9 @@ def check(c: SweepConfig) -> None:
         raise UsageError("--top and --samples choose long runs; give --from EXPERIMENT too")
     if c.from_experiment and not c.samples:
         raise UsageError("--from needs --samples: how many samples each long run trains on")
+    if c.from_experiment and c.from_experiment.rstrip("/") == c.experiment_uri.rstrip("/"):
+        raise UsageError(f"--from {c.from_experiment} is the experiment the long runs would "
+                         "go to; give them another --name")
     if c.gpus and c.gpus_per_trial > c.gpus:
         raise UsageError(f"--gpus-per-trial {c.gpus_per_trial:g} is more than --gpus {c.gpus:g}")
     if c.cpus is not None and c.cpus_per_trial > c.cpus:
@@ -607,7 +618,7 @@ def make_progress(c: SweepConfig):
 
     from sweep.report import error_line, trial_status, write_report
 
-    earlier = source_trials(c)
+    source_rows = source_trials(c)
 
     class Progress(tune.Callback):
         """Prints a line on each trial's news (at most every 10 s for results) and rewrites
@@ -655,7 +666,7 @@ def make_progress(c: SweepConfig):
                 self.last_plot = time.monotonic()
             try:
                 write_report(trials, c.report, ending=ending.trial_id if ending else None,
-                             plot=plot, others=earlier)
+                             plot=plot, others=source_rows)
             except OSError as e:  # a full disk must not end the sweep; the old file stays
                 print(f"warning: {e}; the sweep goes on and tries again when the next "
                       "trial ends", flush=True)
@@ -790,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         return sweep(config)
-    except (UsageError, DataError, study.StudyError) as e:
+    except (UsageError, DataError, study.StudyError, long_runs.SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside Tune's graceful stop: start-up, or a second Ctrl-C

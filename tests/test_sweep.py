@@ -87,6 +87,40 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, capsys, argv, flag):
     assert not (tmp_path / "runs").exists(), "nothing may start on a bad flag"
 
 
+def test_long_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
+    """--from: a source that is no experiment, or one Tune cannot read, the target itself,
+    --samples-per-epoch, --study-storage or no --samples; --top alone. And a resumed long
+    run keeps its trial count, where --fresh picks anew from the source."""
+    source = tmp_path / "runs" / "src"
+    source.mkdir(parents=True)
+    base = ["--storage", str(tmp_path / "runs"), "--report", str(tmp_path / "r.csv")]
+    cases = [
+        (["--top", "2"], "--top and --samples choose long runs"),
+        (["--from", str(source), "--samples", "1000"], "is not a sweep's experiment"),
+        (["--from", str(source), "--samples", "1000", "--name", "src"],
+         "is the experiment the long runs would go to"),
+        (["--from", str(source), "--samples", "1000", "--samples-per-epoch", "512"],
+         "--samples-per-epoch does not go with --from"),
+        (["--from", str(source), "--samples", "1000", "--study-storage", "sqlite:///x.db"],
+         "--study-storage does not go with --from"),
+        (["--from", str(source)], "--from needs --samples"),
+    ]
+    for argv, phrase in cases:
+        assert run.main(base + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and phrase in err, (argv, err)
+    (source / "experiment_state-2026-12-01_00-00-00.json").write_text("{}")
+    assert run.main(base + ["--from", str(source), "--samples", "1000"]) == 2
+    assert "Ray Tune cannot read its experiment state" in capsys.readouterr().err
+    # Resuming: the count the experiment began with, without reading the source again.
+    target = tmp_path / "runs" / "src-long"
+    target.mkdir()
+    (target / run.SETTINGS_FILE).write_text('{"trials": 3}')
+    assert run.parse_args(base + ["--from", str(source), "--samples", "1000"]).trials == 3
+    assert run.main(base + ["--from", str(source), "--samples", "1000", "--fresh"]) == 2
+    assert "Ray Tune cannot read" in capsys.readouterr().err  # --fresh: picked anew
+
+
 def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
     assert run.scoring_pairs(8192, 2) == (512, 54)  # the default sweep
     assert run.scoring_pairs(512, 1) == (250, 50)  # floors
