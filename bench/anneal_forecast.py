@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
           f"lr -> {lr / 100:.2e} over {anneal.steps_per_epoch} steps of {cfg.batch_size}")
     train_loss = train_epoch(trial, anneal, step, log=print)
     print(f"  train loss {train_loss:.3e} while annealing")
-    after = val_mse(trial.model, sources.val, model_cfg.mixture, fast, cfg.val_pairs)
+    after = val_mse(trial.scored_model, sources.val, model_cfg.mixture, fast, cfg.val_pairs)
     print(f"val_mse on {cfg.val_pairs} pairs: {before:.3e} -> {after:.3e} annealed "
           f"({after / before - 1:+.1%})")
     print(f"annealed_val_mse: {after:.3e}")

@@ -612,7 +612,7 @@ def run_checks(ctx: Context, args: argparse.Namespace) -> None:
 
 def part_throughput(ctx: Context, sources, matmul: float) -> None:
     say("\n[1/4] training throughput (sweep/train.py's step on real pairs)")
-    # Counted once: torch's FLOP counter runs the model (seconds for `reference` on a CPU).
+    # Counted once per model (on the meta device: about 0.1 s).
     flops = {name: train_flops_per_sample(PRESETS[name]) for name in ctx.plan.batches}
     for name, count in flops.items():
         say(f"  {name}: {params_of(PRESETS[name]):,} params, "

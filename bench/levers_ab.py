@@ -85,12 +85,14 @@ def cpu_rates(names: list[str], sources, rounds: int = 5, steps: int = 20) -> di
     return {name: steps * RECIPE.batch_size / min(s) for name, s in seconds.items()}
 
 
-def plan(names: list[str], minutes: float, plan_file: Path) -> pd.DataFrame:
-    """Each variant's budget, probed once and kept: a resumed A/B trains what it planned."""
+def plan(names: list[str], minutes: float, plan_file: Path, probe: bool = True
+         ) -> pd.DataFrame:
+    """Each variant's budget, probed once and kept: a resumed A/B trains what it planned.
+    Without `probe`, only what the plan already holds."""
     known = pd.read_csv(plan_file) if plan_file.exists() else pd.DataFrame(
         columns=["variant", "minutes", "params", "samples_per_cpu_s", "samples_per_epoch"])
     todo = [n for n in names if not ((known.variant == n) & (known.minutes == minutes)).any()]
-    if todo:
+    if todo and probe:
         torch.set_num_threads(1)
         sources = load_sources(torch.device("cpu"))
         rows = []
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs, results = ROOT / "runs" / args.out, ROOT / "results" / args.out
     results.mkdir(parents=True, exist_ok=True)
-    budgets = plan(names, args.minutes, results / "plan.csv")
+    budgets = plan(names, args.minutes, results / "plan.csv", probe=not args.report_only)
     if not args.report_only:
         with ThreadPoolExecutor(args.jobs) as pool:
             codes = list(pool.map(lambda b: run_one(b.variant, b.samples_per_epoch, runs),

@@ -4,9 +4,11 @@ The family spans the reference solution (preset `reference`, 3,684,214 parameter
 small variants a sweep explores. Every knob is a field of `UNetConfig`; a preset is data.
 
     mixture (B,1,32,32) -> encoder (depth steps, width doubling) -> bottleneck
-      -> decoder (depth steps, width = skip width * decoder_width_mult) -> 1x1 conv to 2
+      -> decoder (depth steps, width = skip width * decoder_width_mult; skips optionally
+         gated) -> 1x1 conv to 2 (or to 1, the Fashion item, the digit derived)
       -> optional depthwise 3x3 head -> optional mixture-consistency projection
       -> components (B,2,32,32); laid side by side they are the task's 32x64 target.
+Each step is plain convolutions, a residual block or NAF blocks (`block`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class UNetConfig:
     # Project the outputs onto img1 + img2 = mixture * scale: can only help (task notes).
     mixture_consistent: bool = True
     mixture: str = "mean"  # "mean": input (img1 + img2) / 2; "sum": input img1 + img2
-    # plain: [conv3x3-BN-ReLU] x n; residual: the same with an identity (or 1x1) shortcut;
+    # plain: [conv3x3-BN-ReLU] x n; residual: the same with a 1x1 shortcut (every step
+    # changes width; identity where widths match);
     # naf: NAFNet blocks (LayerNorm, gated depthwise conv, channel attention), n per step.
     block: str = "plain"
     upsample: str = "transpose"  # transposed conv 2x2, or bilinear x2 then conv 3x3
