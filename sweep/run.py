@@ -693,7 +693,8 @@ def make_progress(c: SweepConfig):
                               f"{failures} of {MAX_FAILURES} from its newest checkpoint")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            where = Path(trial.path) / (trial.run_metadata.error_filename or "error.txt")
+            where = storage.uri_of(trial.storage.storage_filesystem, f"{trial.path}/"
+                                   f"{trial.run_metadata.error_filename or 'error.txt'}")
             self.line(trials, f"{trial.trial_id} failed for good ({error_line(trial)}; "
                               f"see {where})")
             self.report(trials)
