@@ -11,9 +11,11 @@ cosine schedule over exactly that budget. CPU time, unlike wall time, does not s
 when other work shares the machine, so runs made side by side, or while tests run,
 compare as if each had had a core to itself for the same minutes.
 
-Each run is a plain `sweep/train.py` run under runs/<out>/<variant> (resumed if cut off);
-the plan (budgets), the table (final val MSE, params, rate) and the curves (val MSE
-against CPU-minutes and against samples) go to results/<out>/.
+Each run is a plain `sweep/train.py` run in results/<out>/<variant>/ (resumed if cut off:
+commit an unfinished one's checkpoint.pt to go on elsewhere; finished ones keep their
+metrics.csv, curve.png and log.txt); the plan (budgets), the table (final val MSE,
+params, rate) and the curves (val MSE against CPU-minutes and against samples) go to
+results/<out>/.
 """
 
 from __future__ import annotations
@@ -199,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated variants (default all: {','.join(VARIANTS)})")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     parser.add_argument("--out", default="2026-12-01-levers",
-                        help="name under runs/ and results/")
+                        help="the results/ folder (default %(default)s)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     names = args.only.split(",")
     if unknown := sorted(set(names) - set(VARIANTS)):
         print(f"error: unknown variant(s) {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
         return 2
-    runs, results = ROOT / "runs" / args.out, ROOT / "results" / args.out
+    runs = results = ROOT / "results" / args.out
     results.mkdir(parents=True, exist_ok=True)
     budgets = plan(names, args.minutes, results / "plan.csv", probe=not args.report_only)
     if not args.report_only:
