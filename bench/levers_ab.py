@@ -127,6 +127,10 @@ def train_command(name: str, samples_per_epoch: int, out: Path) -> list[str]:
 
 def run_one(name: str, samples_per_epoch: int, runs: Path) -> int:
     out = runs / name
+    history = out / "metrics.csv"
+    if history.exists() and pd.read_csv(history).epoch.max() >= EPOCHS:
+        print(f"{name}: finished before", flush=True)  # its checkpoint need not be kept
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "a") as log:
         done = subprocess.run(train_command(name, samples_per_epoch, out), stdout=log,
