@@ -39,7 +39,7 @@ from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 OBJECTIVES = ("mse", "pareto")
 MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), from checkpoint
 SEARCHES = ("tpe", "random")
-ASHA_FIRST_RUNG_SAMPLES = 4_096  # see first_rung()
+ASHA_FIRST_RUNG_SAMPLES = 4_096  # see first_rung(); --first-rung-samples sets it
 PLOT_EVERY_S = 60  # pareto.png is redrawn at most this often while the sweep runs
 SETTINGS_FILE = "sweep_settings.json"  # in the experiment: the settings it began with
 # Where a sweep runs, not what it is: free to change when it resumes (a lost node, another
@@ -60,6 +60,7 @@ class SweepConfig:
     objective: str = "mse"
     search: str = "tpe"  # tpe, or random (a baseline)
     early_stop: bool = True  # ASHA
+    first_rung_samples: int = ASHA_FIRST_RUNG_SAMPLES  # ASHA's first comparison
     warm_start: bool = True  # the first trial is the `small` preset (space.start_points)
     gpus: float = 0  # GPUs on this machine (logical ones are fine for testing scheduling)
     gpus_per_trial: float = 1
@@ -126,6 +127,10 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                    help="Optuna sampler: tpe (default) or random, a baseline")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=d.early_stop,
                    help="ASHA stops weak trials early (default on)")
+    p.add_argument("--first-rung-samples", type=number(int), default=d.first_rung_samples,
+                   help="training samples a trial sees before ASHA first compares it "
+                        "(default %(default)s; trials near 300k parameters rank reliably "
+                        "only after about 250,000: results/2026-12-01-levers)")
     p.add_argument("--warm-start", action=argparse.BooleanOptionalAction,
                    default=d.warm_start,
                    help="the first trial is the small preset fitted to --max-params, "
@@ -228,13 +233,14 @@ def scoring_pairs(samples_per_epoch: int, max_epochs: int) -> tuple[int, int]:
     return val, test
 
 
-def first_rung(samples_per_epoch: int, max_epochs: int) -> int:
-    """The epoch at which ASHA first compares trials: after ASHA_FIRST_RUNG_SAMPLES, not
+def first_rung(samples_per_epoch: int, max_epochs: int,
+               rung_samples: int = ASHA_FIRST_RUNG_SAMPLES) -> int:
+    """The epoch at which ASHA first compares trials: after `rung_samples`, not
     before. Earlier, learning curves still cross: in a measured sweep of 8 x 2,048-sample
     trials the trial that ended best was the worst of six after its first epoch (val MSE
     4.1e-2 against 9e-3 to 2.6e-2), and ASHA stopped it there; after 4,096 samples it
     ranked second."""
-    return min(max_epochs, math.ceil(ASHA_FIRST_RUNG_SAMPLES / samples_per_epoch))
+    return min(max_epochs, math.ceil(rung_samples / samples_per_epoch))
 
 
 def check(c: SweepConfig) -> None:
@@ -580,7 +586,8 @@ def optuna_search(c: SweepConfig):
         # newest checkpoint on disk.
         scheduler = ASHAScheduler(metric="val_mse", mode="min", time_attr="epoch",
                                   max_t=c.max_epochs, reduction_factor=2,
-                                  grace_period=first_rung(c.samples_per_epoch, c.max_epochs))
+                                  grace_period=first_rung(c.samples_per_epoch, c.max_epochs,
+                                                          c.first_rung_samples))
     return search, scheduler, {}
 
 

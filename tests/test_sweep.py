@@ -136,6 +136,9 @@ def test_asha_first_compares_trials_after_enough_samples():
     assert run.first_rung(2048, 8) == 2  # two short epochs, not one
     assert run.first_rung(1000, 8) == 5  # ceil(4096 / 1000)
     assert run.first_rung(512, 2) == 2  # never past the last epoch
+    assert run.first_rung(62_500, 8, 250_000) == 4  # --first-rung-samples 250000
+    config = run.parse_args(["--first-rung-samples", "250000"])
+    assert config.first_rung_samples == 250_000
 
 
 def test_the_search_starts_from_the_small_preset_fitted_to_the_budget():
