@@ -197,7 +197,9 @@ def prepare(c, new: bool) -> str:
         try:
             check_new_study(url, c.name)
         except StudyError:
-            file.rename(file.with_name(f"{file.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+            aside = file.with_name(f"{file.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            file.rename(aside)
+            print(f"study: {file} held an earlier sweep's study; moved aside to {aside.name}")
     elif new:
         check_new_study(url, c.name)
     else:

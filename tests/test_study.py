@@ -284,3 +284,15 @@ def test_trials_the_time_budget_stopped_are_pruned_at_the_end(tmp_path):
     [trial] = stored_trials(url)
     assert trial.state == TrialState.PRUNED and trial.value == 0.5
     assert trial.user_attrs["status"] == "stopped early"
+
+
+def test_a_new_sweep_moves_an_earlier_study_file_aside_and_says_so(tmp_path, capsys):
+    config = run.SweepConfig(storage=str(tmp_path), name="sweep")
+    url = study.default_url(config.experiment)
+    optuna.create_study(study_name="sweep", storage=study.open_storage(url)).add_trial(
+        optuna.trial.create_trial(value=1.0))  # an earlier sweep's study, same name
+    assert study.prepare(config, new=True) == url
+    [aside] = config.experiment.glob(f"{study.STUDY_FILE}.old-*")
+    assert len(stored_trials(f"sqlite:///{aside}")) == 1  # kept, whole
+    assert f"moved aside to {aside.name}" in capsys.readouterr().out
+    optuna.create_study(study_name="sweep", storage=url)  # the name is free again
