@@ -296,3 +296,14 @@ def test_a_new_sweep_moves_an_earlier_study_file_aside_and_says_so(tmp_path, cap
     assert len(stored_trials(f"sqlite:///{aside}")) == 1  # kept, whole
     assert f"moved aside to {aside.name}" in capsys.readouterr().out
     optuna.create_study(study_name="sweep", storage=url)  # the name is free again
+
+
+def test_ray_tune_is_imported_only_when_a_sweep_needs_its_searcher():
+    # run.py --help and a bad flag stay quick; a searcher pickled by an older sweep (as
+    # sweep.study.StudySearch, in its tuner.pkl) still resolves, so the sweep resumes.
+    old_reference = b"csweep.study\nStudySearch\n."  # pickle's GLOBAL opcode, protocol 0
+    code = ("import sys, pickle; import sweep.run; assert 'ray.tune' not in sys.modules; "
+            f"print(pickle.loads({old_reference!r}).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "StudySearch"
