@@ -411,6 +411,32 @@ def move_aside(experiment: str, name: str) -> str:
     return aside
 
 
+LOST_DIR = "lost"  # in the experiment: trial directories a resumed sweep does not know
+
+
+def set_aside_lost_trials(experiment: str) -> list[str]:
+    """Move aside the trial directories the experiment's last snapshot does not know.
+
+    A driver killed within a snapshot period (2 s) of starting a trial leaves that trial's
+    directory without a record in the snapshot: the resumed Tune never continues it (its
+    Optuna trial is marked FAIL, sweep/study_search.py) and starts another in its place.
+    Kept under lost/, not deleted, and out of the way of the trials the report lists."""
+    from sweep.report import load_trials
+
+    if not storage.names(experiment, "experiment_state*.json"):  # killed before any snapshot
+        return []
+    known = {f"trial_{trial.trial_id}" for trial in load_trials(experiment)}
+    lost = [name for name in storage.names(experiment, "trial_*") if name not in known]
+    for name in lost:
+        to = storage.join(experiment, LOST_DIR, name)
+        if not storage.is_uri(experiment):
+            Path(to).parent.mkdir(exist_ok=True)
+        storage.move(storage.join(experiment, name), to)
+        print(f"{name} started after the driver's last snapshot, then the driver was "
+              f"killed; the resumed sweep does not know it: moved to {to}")
+    return lost
+
+
 # --- Ray -----------------------------------------------------------------------------------
 
 def start_ray(c: SweepConfig) -> None:
@@ -747,9 +773,11 @@ def sweep_under_lock(c: SweepConfig) -> int:
     if c.fresh and storage.exists(experiment):
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
+    resuming = tune.Tuner.can_restore(experiment)
+    if resuming:
+        set_aside_lost_trials(experiment)
     # Long runs search nothing: no study.
-    study_url = None if c.from_experiment else study.prepare(
-        c, new=not tune.Tuner.can_restore(experiment))
+    study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
     fill_data_cache()
     start_ray(c)
     signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own
