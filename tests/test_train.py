@@ -680,3 +680,40 @@ def test_anneal_forecast_scores_a_copy_and_leaves_the_checkpoint_as_it_was(
     # The copy trained on: the same val pairs score better once the rate has come down.
     assert float(line.split()[1]) < state["metrics"]["val_mse"]
     assert checkpoint.read_bytes() == before  # a forecast must never touch the run
+
+
+# --- bench/forecast.py ------------------------------------------------------------------------
+
+
+def test_forecast_fits_each_designs_finished_runs_and_leaves_out_unfinished_ones(
+        sources: Sources, fast, tmp_path: Path) -> None:
+    ends, paths = {}, []
+    for epochs in (1, 4):  # one design at two lengths, each to the end of its schedule
+        cfg = TrainConfig(epochs=epochs, samples_per_epoch=1024, val_pairs=500, threads=1)
+        states = [state for _, state, _ in run_trial(preset("tiny"), cfg, sources, fast)]
+        paths.append(tmp_path / f"run{epochs}.pt")
+        save_checkpoint(states[-1], paths[-1])
+        ends[epochs * 1024] = states[-1]["metrics"]["val_mse"]
+        if epochs == 4:  # and one cut off midway, which a forecast cannot use
+            paths.append(tmp_path / "midway.pt")
+            save_checkpoint(states[1], paths[-1])
+    png = tmp_path / "forecast.png"
+    result = run_cli(REPO / "bench" / "forecast.py", *map(str, paths), "--late-b", "0.1",
+                     "--out", str(png))
+    assert result.returncode == 0, result.stderr
+    assert f"{paths[-1]}: its schedule has not ended; left out" in result.stdout
+    # Two points: the fit passes through both, and it is what the rows carry on.
+    (n1, v1), (n2, v2) = sorted(ends.items())
+    b = math.log(v1 / v2) / math.log(n2 / n1)
+    assert b > 0, ends  # four times the samples scored better
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| base 4")]
+    assert len(rows) == 6  # 3 targets (the model is smaller than each), fit and late rate
+    fit, late = rows[2].split(" | "), rows[3].split(" | ")  # 3.6e-4 (no test score: ratio 1)
+    assert fit[3] == f"{b:.3f} (fit)" and late[3] == "0.1 (late)"
+    needed = n2 * (v2 / 3.6e-4) ** (1 / b)
+    assert fit[5] == f"{needed / 1e6:,.0f}M"
+    assert late[5] == f"{n2 * (v2 / 3.6e-4) ** 10 / 1e6:,.0f}M"
+    assert result.stdout.splitlines()[-1] == f"samples_to_3.6e-04: {needed:.3g}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fail = run_cli(REPO / "bench" / "forecast.py", str(paths[0]))
+    assert fail.returncode == 2 and "no design has finished runs of two lengths" in fail.stderr
