@@ -60,13 +60,15 @@ class RunEnd:
 
 def learning_curve(path: Path, state: dict, samples_per_epoch: int) -> pd.DataFrame:
     """Per epoch: samples seen and val MSE, from train.py's checkpoint history or, for a
-    sweep trial's checkpoint, its trial's progress.csv."""
+    sweep trial's checkpoint, its trial's result.json (JSON lines: Tune's progress.csv
+    keeps the first header, and a resumed trial's rows carry one more column)."""
     if state.get("history"):
         return pd.DataFrame(state["history"])[["samples", "val_mse"]]
-    progress = path.parent.parent / "progress.csv"
-    if not progress.exists():
+    results = path.parent.parent / "result.json"
+    if not results.exists():
         return pd.DataFrame({"samples": [], "val_mse": []})
-    df = pd.read_csv(progress).drop_duplicates("epoch", keep="last").sort_values("epoch")
+    df = pd.read_json(results, lines=True).drop_duplicates("epoch", keep="last")
+    df = df.sort_values("epoch")
     return pd.DataFrame({"samples": df["epoch"] * samples_per_epoch, "val_mse": df["val_mse"]})
 
 
