@@ -39,9 +39,12 @@ def our_point(path: Path) -> Point | None:
     metrics = state["metrics"]
     if metrics.get("test_pairs", 0) < TEST_PAIRS:
         return None
-    history = state.get("history") or [{}]
+    # train.py's checkpoints keep a history; a sweep trial's (a long run by the harness) not.
+    history = state.get("history")
+    samples = (history[-1]["samples"] if history
+               else state["epoch"] * state["train_config"]["samples_per_epoch"])
     return Point(str(path), int(metrics["params"]), float(metrics["test_mse_mean"]),
-                 float(metrics["test_mse_std"]), int(history[-1].get("samples", 0)))
+                 float(metrics["test_mse_std"]), int(samples))
 
 
 def dominates(ours: Point, theirs: Point) -> bool:

@@ -13,6 +13,9 @@ from sweep.front import Point, dominates, front_rows
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_SMALL = REPO / "results" / "2026-11-26-long-small" / "checkpoint.pt"
+# A long run by the harness (sweep/run.py --from): a trial's checkpoint, which keeps no history.
+LONG_117K = (REPO / "results" / "2026-12-02-long-117k" / "experiment" / "trial_3152f_00000"
+             / "checkpoint_000039" / "checkpoint.pt")
 
 
 def test_dominance_needs_no_more_params_and_a_strictly_lower_mse():
@@ -48,6 +51,15 @@ def test_cli_reads_committed_checkpoints_and_skips_those_without_the_full_protoc
     assert "| reference (customized U-Net) | 3,684,214 | 3.68e-04 | no (+34% MSE) |" in table
     assert "short.pt" not in table
     assert "0 of 8 published points dominated, from 1 of our models" in capsys.readouterr().out
+
+
+def test_a_harness_long_runs_checkpoint_counts_with_the_samples_it_trained_on(
+        tmp_path: Path):
+    out = tmp_path / "front.md"
+    assert front.main([str(LONG_117K), "--out", str(out)]) == 0
+    row = out.read_text().splitlines()[-1]  # the smallest published point, 157,410 params
+    assert row.startswith("| smallest good one (two-branch) | 157,410 | 4.90e-04 | no (+25% MSE)")
+    assert row.endswith("| 117,110 | 6.119e-04 ± 3.4e-06 | 4.0M samples |")
 
 
 def test_cli_refuses_a_file_that_is_no_checkpoint(tmp_path: Path, capsys):
