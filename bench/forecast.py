@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from model.unet import UNetConfig
-from sweep.checkpoint import CheckpointError, load_checkpoint
+from sweep.checkpoint import CheckpointError, load_checkpoint, samples_trained
 from sweep.plots import new_figure, save_png
 from sweep.scoring import TEST_PAIRS
 
@@ -80,7 +80,7 @@ def run_end(path: Path) -> RunEnd | None:
         return None
     full = metrics.get("test_pairs", 0) >= TEST_PAIRS
     return RunEnd(path, UNetConfig.from_dict(state["model_config"]), int(metrics["params"]),
-                  state["epoch"] * train["samples_per_epoch"], float(metrics["val_mse"]),
+                  samples_trained(state), float(metrics["val_mse"]),
                   float(metrics["test_mse_mean"]) if full else None,
                   float(metrics["samples_per_s"]),
                   learning_curve(path, state, train["samples_per_epoch"]))

@@ -75,3 +75,12 @@ def model_from_checkpoint(state: dict, device: torch.device) -> UNet:
     model = UNet(UNetConfig.from_dict(state["model_config"])).to(device)
     load_weights(model, state)
     return model.eval()
+
+
+def samples_trained(state: dict) -> int:
+    """Training samples a checkpoint's model has seen: train.py's checkpoints keep a history
+    (whole batches counted); a sweep trial's keeps none, so its epochs times their size."""
+    history = state.get("history")
+    if history:
+        return int(history[-1]["samples"])
+    return int(state["epoch"] * state["train_config"]["samples_per_epoch"])

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweep.checkpoint import CheckpointError, load_checkpoint
+from sweep.checkpoint import CheckpointError, load_checkpoint, samples_trained
 from sweep.files import atomic_write
 from sweep.scoring import PUBLISHED, TEST_PAIRS
 
@@ -39,12 +39,8 @@ def our_point(path: Path) -> Point | None:
     metrics = state["metrics"]
     if metrics.get("test_pairs", 0) < TEST_PAIRS:
         return None
-    # train.py's checkpoints keep a history; a sweep trial's (a long run by the harness) not.
-    history = state.get("history")
-    samples = (history[-1]["samples"] if history
-               else state["epoch"] * state["train_config"]["samples_per_epoch"])
     return Point(str(path), int(metrics["params"]), float(metrics["test_mse_mean"]),
-                 float(metrics["test_mse_std"]), int(samples))
+                 float(metrics["test_mse_std"]), samples_trained(state))
 
 
 def dominates(ours: Point, theirs: Point) -> bool:
