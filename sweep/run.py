@@ -429,8 +429,6 @@ def set_aside_lost_trials(experiment: str) -> list[str]:
     lost = [name for name in storage.names(experiment, "trial_*") if name not in known]
     for name in lost:
         to = storage.join(experiment, LOST_DIR, name)
-        if not storage.is_uri(experiment):
-            Path(to).parent.mkdir(exist_ok=True)
         storage.move(storage.join(experiment, name), to)
         print(f"{name} started after the driver's last snapshot, then the driver was "
               f"killed; the resumed sweep does not know it: moved to {to}")

@@ -120,8 +120,10 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def move(location: str, to: str) -> None:
-    """Move a directory (an object store has none to rename: copy, then delete)."""
+    """Move a directory, into a parent made if missing (an object store has no directories
+    to make or rename: copy, then delete)."""
     if not is_uri(location):
+        Path(to).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(location, to)
         return
     import pyarrow.fs
