@@ -42,6 +42,11 @@ class UNetConfig:
     decoder_width_mult: int = 1
     depthwise_head: bool = True  # a depthwise 3x3 conv after the 1x1 output conv
     batch_norm: bool = True
+    # Batch norm as the CIFAR-10 speedruns use it: bn_scale false drops the learned scale
+    # (a learned shift only; fewer parameters), bn_momentum ~0.4 lets the running
+    # statistics follow fast-moving weights. The defaults are torch's.
+    bn_scale: bool = True
+    bn_momentum: float = 0.1
     # Project the outputs onto img1 + img2 = mixture * scale: can only help (task notes).
     mixture_consistent: bool = True
     mixture: str = "mean"  # "mean": input (img1 + img2) / 2; "sum": input img1 + img2
@@ -68,9 +73,13 @@ class UNetConfig:
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
-        for name in ("depthwise_head", "batch_norm", "mixture_consistent", "attention_gates"):
+        for name in ("depthwise_head", "batch_norm", "bn_scale", "mixture_consistent",
+                     "attention_gates"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if (isinstance(self.bn_momentum, bool) or not isinstance(self.bn_momentum, int | float)
+                or not 0 < self.bn_momentum <= 1):
+            raise ConfigError(f"bn_momentum must be in (0, 1], got {self.bn_momentum!r}")
         for name, choices in (("mixture", MIXTURES), ("block", BLOCKS),
                               ("upsample", UPSAMPLES), ("output", OUTPUTS)):
             if getattr(self, name) not in choices:
@@ -116,14 +125,27 @@ def preset(name: str, **overrides) -> UNetConfig:
     return replace(PRESETS[name], **overrides)
 
 
-def conv_block(in_ch: int, out_ch: int, n_convs: int, batch_norm: bool) -> nn.Sequential:
+@dataclass(frozen=True)
+class BatchNormStyle:
+    scale: bool = True  # a learned scale (torch's default); false: a learned shift only
+    momentum: float = 0.1  # of the running statistics
+
+    def layer(self, channels: int) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(channels, momentum=self.momentum)
+        if not self.scale:
+            bn.weight = None  # normalize, then shift: F.batch_norm takes no scale then
+        return bn
+
+
+def conv_block(in_ch: int, out_ch: int, n_convs: int, batch_norm: bool,
+               bn: BatchNormStyle = BatchNormStyle()) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_convs):
         # With batch norm right after, a conv bias is redundant.
         layers.append(nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1,
                                 bias=not batch_norm))
         if batch_norm:
-            layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(bn.layer(out_ch))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -133,11 +155,12 @@ class ResidualBlock(nn.Module):
     last batch norm starts at zero, so the block starts as its shortcut and deep stacks
     train from the first step (Goyal et al. 2017)."""
 
-    def __init__(self, in_ch: int, out_ch: int, n_convs: int, batch_norm: bool) -> None:
+    def __init__(self, in_ch: int, out_ch: int, n_convs: int, batch_norm: bool,
+                 bn: BatchNormStyle = BatchNormStyle()) -> None:
         super().__init__()
-        body = list(conv_block(in_ch, out_ch, n_convs, batch_norm))
+        body = list(conv_block(in_ch, out_ch, n_convs, batch_norm, bn))
         self.body = nn.Sequential(*body[:-1])  # the last ReLU comes after the sum
-        if batch_norm:
+        if batch_norm and bn.scale:  # without a scale there is none to start at zero
             nn.init.zeros_(self.body[-1].weight)
         self.shortcut = (nn.Identity() if in_ch == out_ch else
                          nn.Conv2d(in_ch, out_ch, 1, bias=not batch_norm))
@@ -193,13 +216,14 @@ def naf_stage(in_ch: int, out_ch: int, n_blocks: int) -> nn.Sequential:
                          *(NAFBlock(out_ch) for _ in range(n_blocks)))
 
 
-def make_stage(block: str, in_ch: int, out_ch: int, n: int, batch_norm: bool) -> nn.Module:
+def make_stage(block: str, in_ch: int, out_ch: int, n: int, batch_norm: bool,
+               bn: BatchNormStyle = BatchNormStyle()) -> nn.Module:
     """One step of the U-Net at one resolution, of the config's block type."""
     if block == "naf":
         return naf_stage(in_ch, out_ch, n)
     if block == "residual":
-        return ResidualBlock(in_ch, out_ch, n, batch_norm)
-    return conv_block(in_ch, out_ch, n, batch_norm)
+        return ResidualBlock(in_ch, out_ch, n, batch_norm, bn)
+    return conv_block(in_ch, out_ch, n, batch_norm, bn)
 
 
 def make_upsample(kind: str, in_ch: int, out_ch: int) -> nn.Module:
@@ -232,15 +256,16 @@ class UNet(nn.Module):
         self.config = config
         c = config
         skip_widths = [c.base_filters * 2**i for i in range(c.depth)]
+        bn = BatchNormStyle(c.bn_scale, c.bn_momentum)
 
         self.down = nn.ModuleList()
         in_ch = 1
         for width in skip_widths:
-            self.down.append(make_stage(c.block, in_ch, width, c.enc_convs, c.batch_norm))
+            self.down.append(make_stage(c.block, in_ch, width, c.enc_convs, c.batch_norm, bn))
             in_ch = width
         self.pool = nn.MaxPool2d(2)
         self.bottleneck = make_stage(c.block, in_ch, c.base_filters * 2**c.depth, c.enc_convs,
-                                     c.batch_norm)
+                                     c.batch_norm, bn)
         in_ch = c.base_filters * 2**c.depth
 
         self.upsample = nn.ModuleList()
@@ -251,7 +276,8 @@ class UNet(nn.Module):
             self.upsample.append(make_upsample(c.upsample, in_ch, width))
             if c.attention_gates:
                 self.gates.append(AttentionGate(skip, width))
-            self.up.append(make_stage(c.block, width + skip, width, c.dec_convs, c.batch_norm))
+            self.up.append(make_stage(c.block, width + skip, width, c.dec_convs, c.batch_norm,
+                                      bn))
             in_ch = width
 
         out_ch = 1 if c.output == "one" else 2
