@@ -28,8 +28,9 @@ from data.mixture import load_sources
 from data.sources import DataError
 from model.unet import ConfigError
 from sweep.checkpoint import CheckpointError, load_checkpoint
+from sweep.recipe import make_step_fn
 from sweep.scoring import val_mse
-from sweep.train import build_trial, check_resumable, make_step_fn, split_config, train_epoch
+from sweep.train import build_trial, check_resumable, split_config, train_epoch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,8 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from data.mixture import load_sources
 from model.unet import UNetConfig, params_of, preset
 from sweep.files import atomic_write, write_csv
-from sweep.train import TrainConfig, build_trial, make_step_fn
+from sweep.recipe import make_step_fn
+from sweep.train import TrainConfig, build_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = preset("small")  # today's best design: 262,822 parameters
@@ -114,7 +115,8 @@ def train_command(name: str, samples_per_epoch: int, out: Path) -> list[str]:
     model_cfg, cfg = configs(name)
     flags = []
     for key, value in {**model_cfg.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.lr,
-                       "ema_decay": cfg.ema_decay, "loss": cfg.loss}.items():
+                       "ema_decay": cfg.ema_decay, "loss": cfg.loss,
+                       "optimizer": cfg.optimizer, "schedule": cfg.schedule}.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])

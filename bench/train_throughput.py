@@ -59,7 +59,8 @@ from data.mixture import load_sources
 from data.sources import DataError
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep.device import FastPath, choose_fast_path, cpu_flags, pick_device
-from sweep.train import TrainConfig, build_trial, make_step_fn
+from sweep.recipe import make_step_fn
+from sweep.train import TrainConfig, build_trial
 
 # (preset, batch size): the reference at its training batch, small at the sweep's default.
 MODELS = (("reference", 32), ("small", 64))

@@ -26,13 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.mixture import Sources, load_sources, make_batch, random_indices
+from data.mixture import Sources, load_sources
 from data.sources import DataError
 from model.unet import (
     PRESETS,
@@ -55,6 +53,7 @@ from sweep.checkpoint import (
 from sweep.device import FastPath, choose_fast_path, pick_device
 from sweep.files import write_csv
 from sweep.plots import plot_curve
+from sweep.recipe import OPTIMIZERS, SCHEDULES, Ema, build_optimizer, build_schedule, make_step_fn
 from sweep.scoring import test_score, val_mse
 
 HISTORY_FILE = "metrics.csv"  # beside the checkpoint: one row per epoch
@@ -64,7 +63,8 @@ LOSSES = ("mse", "l1")
 SWITCHES = ("auto", "on", "off")
 # Fields that change how a trial runs, not which run it is: free to differ on resume. The
 # device's kind may not (check_resumable); a precision that differs is said (precision_note).
-RUNTIME_FIELDS = {"threads", "device", "compile", "test_pairs", "precision", "channels_last"}
+RUNTIME_FIELDS = {"threads", "device", "compile", "compile_step", "test_pairs", "precision",
+                  "channels_last"}
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,15 @@ class TrainConfig:
     epochs: int = 3
     samples_per_epoch: int = 50_000  # pairs are drawn afresh, so an epoch is a budget
     batch_size: int = 64
-    lr: float = 3e-3  # AdamW peak; cosine decay to lr / 100 over all epochs
-    weight_decay: float = 1e-4
+    lr: float = 3e-3  # AdamW's peak (with optimizer muon: for the parameters off Muon)
+    weight_decay: float = 1e-4  # AdamW's (Muon's filters take none)
+    # The recipe (sweep/recipe.py): adamw, or muon (Muon on the hidden conv filters, AdamW
+    # on the rest); the schedule over all epochs: cosine to lr/100, linear to 0, or wsd.
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
     loss: str = "mse"  # what training minimizes; validation and test always score MSE
     # Weight EMA (Polyak averaging) per step; 0 = off. With it on, validation, test and the
     # checkpoint's "model" are the averaged weights, so evaluate.py scores those.
@@ -84,12 +91,14 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast only where the hardware has native bf16
     channels_last: str = "auto"
     compile: bool = False  # torch.compile: pays off on GPUs and long runs only
+    # torch.compile over forward, backward and the optimizer's update as one graph
+    compile_step: bool = False
     device: str = "auto"  # auto: cuda if torch sees one, else cpu
     threads: int = 0  # torch CPU threads; 0 = torch's default (a sweep sets its CPU share)
 
     def __post_init__(self) -> None:
         positive = ("epochs", "samples_per_epoch", "batch_size", "val_pairs")
-        for name in positive + ("test_pairs", "seed", "threads"):
+        for name in positive + ("test_pairs", "seed", "threads", "muon_ns_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -102,8 +111,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0 < self.lr <= 1:
-            raise ConfigError(f"lr must be in (0, 1], got {self.lr}")
+        for name in ("lr", "muon_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+        if not isinstance(self.muon_momentum, int | float) or not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.ema_decay, int | float) or not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.loss not in LOSSES:
@@ -150,7 +167,7 @@ class Trial:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     batches: torch.Generator  # draws the training pairs
-    ema: AveragedModel | None = None  # the averaged weights, when ema_decay > 0
+    ema: Ema | None = None  # the averaged weights, when ema_decay > 0
     epoch: int = 0
     train_seconds: float = 0.0
 
@@ -181,13 +198,13 @@ class Trial:
         if self.ema is None:
             return {}
         return {"trained_model": self.model.state_dict(),
-                "ema_updates": int(self.ema.n_averaged.item())}
+                "ema_updates": self.ema.updates}
 
     def restore(self, state: dict) -> None:
         if self.ema is not None:
             load_weights(self.ema.module, state)
             load_weights(self.model, {"model": state["trained_model"]})
-            self.ema.n_averaged.fill_(state["ema_updates"])
+            self.ema.updates = state["ema_updates"]
         else:
             load_weights(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -201,14 +218,10 @@ class Trial:
 def build_trial(model_cfg: UNetConfig, cfg: TrainConfig, fast: FastPath) -> Trial:
     torch.manual_seed(cfg.seed)
     model = UNet(model_cfg).to(fast.device, memory_format=fast.memory_format())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * cfg.steps_per_epoch
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps, cfg.lr / 100)
+    optimizer = build_optimizer(model, cfg, fast)
+    schedule = build_schedule(optimizer, cfg, cfg.epochs * cfg.steps_per_epoch)
     batches = torch.Generator(device=fast.device).manual_seed(cfg.seed)
-    ema = None
-    if cfg.ema_decay:  # buffers too, so batch norm's running statistics are averaged
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
-                            use_buffers=True)
+    ema = Ema.of(model, cfg.ema_decay) if cfg.ema_decay else None
     return Trial(model, optimizer, schedule, batches, ema)
 
 
@@ -245,30 +258,6 @@ def precision_note(state: dict, fast: FastPath) -> str:
     names = {True: "bf16 autocast", False: "fp32"}
     return (f"note: the checkpoint trained in {names[trained_bf16]}, this run continues in "
             f"{names[fast.bf16]}; --precision {'bf16' if trained_bf16 else 'fp32'} keeps it")
-
-
-def make_step_fn(trial: Trial, train_pair, model_cfg: UNetConfig, cfg: TrainConfig,
-                 fast: FastPath) -> Callable[[], torch.Tensor]:
-    """One training step as a closure: fresh random pairs, forward, backward, update, LR
-    schedule. Returns the loss (a tensor, so the device need not sync every step)."""
-    model = torch.compile(trial.model) if cfg.compile else trial.model
-    loss_fn = F.l1_loss if cfg.loss == "l1" else F.mse_loss
-
-    def step() -> torch.Tensor:
-        idx1, idx2 = random_indices(train_pair, cfg.batch_size, trial.batches)
-        x, y = make_batch(train_pair, idx1, idx2, model_cfg.mixture)
-        with fast.autocast():
-            pred = model(x.contiguous(memory_format=fast.memory_format()))
-        loss = loss_fn(pred.float(), y)
-        trial.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trial.optimizer.step()
-        trial.schedule.step()
-        if trial.ema is not None:
-            trial.ema.update_parameters(trial.model)
-        return loss.detach()
-
-    return step
 
 
 def train_epoch(trial: Trial, cfg: TrainConfig, step: Callable[[], torch.Tensor],
