@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from data.mixture import Sources, fixed_indices
+from data.mixture import Sources, fixed_indices, make_batch, random_indices
 from model.unet import ConfigError, UNet, preset
 from sweep import evaluate, scoring, train
 from sweep.checkpoint import (
@@ -32,6 +32,7 @@ from sweep.checkpoint import (
     save_checkpoint,
 )
 from sweep.device import choose_fast_path, pick_device
+from sweep.recipe import make_step_fn
 from sweep.scoring import val_mse
 from sweep.train import TrainConfig, check_resumable, run_trial
 
@@ -178,6 +179,31 @@ def test_resume_in_process_is_exact(sources: Sources, fast, tmp_path: Path) -> N
     assert any(not torch.equal(first[k], straight["model"][k]) for k in first)
 
 
+def test_resume_with_muon_and_the_speedruns_batch_norm_is_exact(sources: Sources, fast,
+                                                                 tmp_path: Path) -> None:
+    """The new recipe's parts (Muon + AdamW in one optimizer, a LambdaLR schedule, BN
+    without a learned scale, the EMA) resume as exactly as the old ones."""
+    model_cfg = preset("tiny", bn_scale=False, bn_momentum=0.4)
+    cfg = TrainConfig(epochs=2, samples_per_epoch=1024, val_pairs=200, threads=1,
+                      optimizer="muon", schedule="wsd", ema_decay=0.9)
+    *_, (_, straight, _) = run_trial(model_cfg, cfg, sources, fast)
+    interrupted = run_trial(model_cfg, cfg, sources, fast)
+    _, state, _ = next(interrupted)
+    save_checkpoint(state, tmp_path / CHECKPOINT_FILE)
+    interrupted.close()
+    torch.manual_seed(999)
+    [(metrics, resumed, _)] = list(run_trial(model_cfg, cfg, sources, fast,
+                                             load_checkpoint(tmp_path)))
+    assert metrics["status"] == "finished"
+    assert_same_training(straight, resumed)
+    assert_identical(straight["trained_model"], resumed["trained_model"], "trained_model")
+    assert straight["ema_updates"] == resumed["ema_updates"] == 2 * cfg.steps_per_epoch
+    muon_state = straight["optimizer"]["state"]
+    assert any("momentum_buffer" in s for s in muon_state.values())
+    assert any("exp_avg" in s for s in muon_state.values())
+    assert straight["metrics"]["lr"] == 0  # wsd decays to 0 at the last step
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two epochs through the CLI in one go; returns the run directory."""
@@ -305,12 +331,12 @@ def test_the_step_minimizes_the_loss_asked_for(sources: Sources, fast, loss: str
     trial = train.build_trial(model_cfg, cfg, fast)
     draws = torch.Generator().manual_seed(0)
     draws.set_state(trial.batches.get_state())  # the pairs the step will draw
-    idx1, idx2 = train.random_indices(sources.train, cfg.batch_size, draws)
-    x, y = train.make_batch(sources.train, idx1, idx2, model_cfg.mixture)
+    idx1, idx2 = random_indices(sources.train, cfg.batch_size, draws)
+    x, y = make_batch(sources.train, idx1, idx2, model_cfg.mixture)
     with torch.no_grad():
         pred = trial.model(x)
     want = (pred - y).abs().mean() if loss == "l1" else (pred - y).square().mean()
-    got = train.make_step_fn(trial, sources.train, model_cfg, cfg, fast)()
+    got = make_step_fn(trial, sources.train, model_cfg, cfg, fast)()
     assert got.item() == pytest.approx(want.item(), rel=1e-2)  # bf16 autocast where native
     other = (pred - y).square().mean() if loss == "l1" else (pred - y).abs().mean()
     assert got.item() != pytest.approx(other.item(), rel=1e-1)
@@ -322,9 +348,10 @@ def test_a_checkpoint_from_before_the_levers_resumes(sources: Sources, fast) -> 
     model_cfg, cfg = preset("tiny"), TrainConfig(epochs=2, samples_per_epoch=128,
                                                  val_pairs=50, threads=1)
     _, state, _ = next(run_trial(model_cfg, cfg, sources, fast))
-    for key in ("block", "upsample", "attention_gates", "output"):
+    for key in ("block", "upsample", "attention_gates", "output", "bn_scale", "bn_momentum"):
         del state["model_config"][key]
-    for key in ("loss", "ema_decay"):
+    for key in ("loss", "ema_decay", "optimizer", "schedule", "muon_lr", "muon_momentum",
+                "muon_ns_steps", "compile_step"):
         del state["train_config"][key]
     [(metrics, _, _)] = list(run_trial(model_cfg, cfg, sources, fast, resume=state))
     assert metrics["epoch"] == 2
@@ -332,6 +359,8 @@ def test_a_checkpoint_from_before_the_levers_resumes(sources: Sources, fast) -> 
         next(run_trial(replace(model_cfg, block="residual"), cfg, sources, fast, state))
     with pytest.raises(ConfigError, match="ema_decay: 0.0 -> 0.5"):
         next(run_trial(model_cfg, replace(cfg, ema_decay=0.5), sources, fast, state))
+    with pytest.raises(ConfigError, match="optimizer: 'adamw' -> 'muon'"):
+        next(run_trial(model_cfg, replace(cfg, optimizer="muon"), sources, fast, state))
 
 
 def test_resume_under_another_config_is_refused(sources: Sources, fast) -> None:
