@@ -263,7 +263,8 @@ def test_configs_from_before_the_levers_build_the_same_network() -> None:
     """A checkpoint's config saved before the lever fields existed builds today's default
     (plain blocks, transposed convs, no gates, both outputs), with the same weight names."""
     old = {k: v for k, v in PRESETS["small"].to_dict().items()
-           if k not in ("block", "upsample", "attention_gates", "output")}
+           if k not in ("block", "upsample", "attention_gates", "output", "bn_scale",
+                        "bn_momentum")}
     config = UNetConfig.from_dict(old)
     assert config == PRESETS["small"]
     names = set(UNet(config).state_dict())
