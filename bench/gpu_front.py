@@ -75,6 +75,7 @@ from sweep.train import TrainConfig, run_trial  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "sweep" / "train.py"
 FRONT_CSV = "front.csv"  # one row per design, rewritten as each one ends
+READY_DIR = "ready"  # where the trainers of one group meet before measuring their rate
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,17 @@ def size_run(per_s: float, seconds: float, batch: int, epoch_s: float) -> Sizing
     return Sizing(per_s, seconds, epochs, per_epoch)
 
 
+def wait_for_the_others(folder: Path, name: str, sharing: int, most_s: float = 30) -> None:
+    """Every trainer measures its rate while all of them train: each says it is ready in
+    `folder` and waits (at most most_s) for the rest. A trainer that measured alone, while
+    the others were still starting, would size its run too long for the shared device."""
+    folder.mkdir(exist_ok=True)
+    (folder / name).touch()
+    until = time.monotonic() + most_s
+    while len(list(folder.iterdir())) < sharing and time.monotonic() < until:
+        time.sleep(0.05)
+
+
 def trainer(args: argparse.Namespace) -> int:
     """One design, in its own process: measure its rate now (beside the others), size the
     run to end by --train-until, then sweep/train.py's main does the rest."""
@@ -343,12 +355,17 @@ def trainer(args: argparse.Namespace) -> int:
     if plan.threads:
         torch.set_num_threads(plan.threads)
     device = pick_device(args.device)
+    # Fixed shapes for the whole run: cuDNN may pick each convolution's fastest kernel once
+    # (in the warm-up). It makes runs differ in the last bits; part 1's resume check is
+    # the place for exactness, not here.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     sources = load_sources(device)
     lr = scaled_lr(design, args.batch_size)
     mode = Mode("fast default", choose_fast_path(device))
     step = real_training_step(design.model, args.batch_size, mode, sources.train,
                               replace(TrainConfig(), lr=lr))
     warm_up(step, plan.warmup_steps)
+    wait_for_the_others(args.out.parent / READY_DIR, args.design, args.sharing)
     per_s = samples_per_second(step, args.batch_size, plan.probe_s, device)
     del step, sources
     if device.type == "cuda":
@@ -382,10 +399,12 @@ class Trainer:
     started: float = 0.0
 
 
-def start_trainer(ctx: Context, t: Trainer, train_until: float, quick: bool) -> None:
+def start_trainer(ctx: Context, t: Trainer, train_until: float, sharing: int,
+                  quick: bool) -> None:
     t.folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trainer", t.name,
            "--batch-size", str(t.batch), "--train-until", f"{train_until:.3f}",
+           "--sharing", str(sharing),
            "--device", "cuda" if ctx.device.type == "cuda" else "cpu", "--out", str(t.folder),
            *(["--quick"] if quick else [])]
     log = (t.folder / "log.txt").open("w")
@@ -418,13 +437,13 @@ def part_front(ctx: Context, quick: bool) -> None:
     sharing = len(names) if ctx.together else 1
     reserve = max(score_reserve(ctx, n, batches[n], sharing) for n in names)
     grace = 10.0 if not quick else 20.0  # start-up of a process: imports, CUDA, the data
-    window = ctx.left() - reserve - grace - 5
-    if window < 2 * ctx.plan.probe_s:
+    groups = [list(names)] if ctx.together else [[n] for n in names]
+    # Each group trains for its share, then scores; one at a time: equal shares.
+    share = (ctx.left() - 5) / len(groups) - reserve - grace
+    if share < 2 * ctx.plan.probe_s:
         raise CheckFailed(f"no time left to train ({ctx.left():.0f} s left, {reserve:.0f} s "
                           "to score)")
-    groups = [list(names)] if ctx.together else [[n] for n in names]
-    share = window / len(groups)  # one at a time: equal shares of the window
-    say(f"\n[2/3] the front: {', '.join(names)}, "
+    say(f"\n[2/3] the front, then [3/3] each scored: {', '.join(names)}, "
         f"{'all at once' if ctx.together else 'one at a time'}, "
         f"{share:.0f} s of training {'' if ctx.together else 'each '}+ {reserve:.0f} s to "
         f"score (full protocol: {len(TEST_SEEDS)} x {ctx.plan.test_pairs:,} pairs)")
@@ -435,7 +454,7 @@ def part_front(ctx: Context, quick: bool) -> None:
                     for n in group]
         try:
             for t in trainers:
-                start_trainer(ctx, t, train_until, quick)
+                start_trainer(ctx, t, train_until, len(group), quick)
             wait_for(ctx, trainers)
         finally:
             for t in trainers:
@@ -546,6 +565,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--train-until", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--sharing", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.designs is not None:
         args.designs = tuple(d for d in args.designs.split(",") if d)
@@ -554,6 +574,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.minutes is not None and not 0 < args.minutes <= 60:
         parser.error(f"--minutes must be in (0, 60], got {args.minutes:g}")
     return args
+
+
+def idx_cache(args: argparse.Namespace) -> Path:
+    """Where images read from IDX files are cached for the trainers: beside them."""
+    return (args.mnist_dir or args.fashion_dir).resolve().parent / "cache"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, total_s=args.minutes * 60)
     idx_given = args.mnist_dir is not None or args.fashion_dir is not None
     ctx = Context(device=device, plan=plan, out=out,
-                  cache=out / "cache" if idx_given else default_cache_dir(),
+                  # Beside the IDX files, not under --out: 100 MB no one needs back.
+                  cache=idx_cache(args) if idx_given else default_cache_dir(),
                   started=time.monotonic(), started_fast=math.nan,
                   designs=args.designs or plan.designs,
                   together=not args.one_at_a_time)
@@ -609,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ngpu_front: interrupted", file=sys.stderr)
         return 130
     took = time.monotonic() - ctx.started
-    say(f"\n[3/3] {FRONT_CSV}, figures.json and checkpoints under {out}; {took:.0f} s in all"
+    say(f"\n{FRONT_CSV}, figures.json and checkpoints under {out}; {took:.0f} s in all"
         f"{', over the budget' if took > plan.total_s else ''}")
     if ctx.failures:
         say(f"gpu_front: FAILED: {'; '.join(ctx.failures)}")
