@@ -135,7 +135,9 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
                    default=d.warm_start,
                    help="the first trial is the small preset fitted to --max-params, "
                         "then the sampler takes over (default on)")
-    p.add_argument("--gpus", type=number(float, allow_zero=True), default=d.gpus)
+    p.add_argument("--gpus", type=number(float, allow_zero=True), default=None,
+                   help="GPUs Ray may give trials here (default: this machine's, as torch "
+                        "sees them; 0: trials on CPUs only)")
     p.add_argument("--gpus-per-trial", type=number(float), default=d.gpus_per_trial)
     p.add_argument("--cpus", type=number(int), default=d.cpus)
     p.add_argument("--cpus-per-trial", type=number(float), default=d.cpus_per_trial)
@@ -184,6 +186,8 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
             raise UsageError("--study-storage does not go with --from: long runs search "
                              "nothing, so they keep no study")
         args.samples_per_epoch = math.ceil((args.samples or 1) / args.max_epochs)
+    if args.gpus is None:  # a joined cluster counts its own GPUs (--address)
+        args.gpus = 0 if args.address else machine_gpus()
     val_pairs, test_pairs = scoring_pairs(args.samples_per_epoch, args.max_epochs)
     args.val_pairs = val_pairs if args.val_pairs is None else args.val_pairs
     args.test_pairs = test_pairs if args.test_pairs is None else args.test_pairs
@@ -194,6 +198,13 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     if config.from_experiment:
         config = replace(config, trials=long_run_count(config))
     return config
+
+
+def machine_gpus() -> int:
+    """The GPUs torch sees here: what a user of a GPU machine expects a sweep to use."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def long_run_count(c: SweepConfig) -> int:

@@ -77,11 +77,11 @@ def tune_trial(config: dict, experiment: str) -> None:
     memory fails the same way on every attempt: it ends with status "error" and the reason,
     instead of being retried (Tune retries a dead worker, FailureConfig in run.py)."""
     # Torch threads = the CPUs Ray gave this trial: more would oversubscribe the cores.
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, math.floor(cpus)))
+    given = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, math.floor(given.get("CPU", 1))))
     try:
         train_trial(config, storage.join(experiment, trial_dir_name(
-            tune.get_context().get_trial_id())))
+            tune.get_context().get_trial_id())), gpus_given=given.get("GPU", 0))
     except ConfigError as e:
         end_with_error(f"config cannot be built: {e}")
     except Exception as e:
@@ -103,6 +103,15 @@ def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
     tune.report(stamped, checkpoint=checkpoint)
 
 
+def on_given_device(cfg: TrainConfig, gpus_given: float) -> TrainConfig:
+    """A trial's device "auto" is the GPU Ray gave it, or else the CPU. Ray leaves
+    CUDA_VISIBLE_DEVICES unset for a trial given no GPU, so on a GPU machine "auto" alone
+    would put every such trial on cuda:0, where Ray counts none of them."""
+    if cfg.device == "auto" and not gpus_given:
+        return replace(cfg, device="cpu")
+    return cfg
+
+
 def fast_path_to_resume(fast: FastPath, cfg: TrainConfig,
                         resume: dict | None) -> tuple[FastPath, str]:
     """Where a trial runs: on `fast`, the machine's own path, unless it resumes a checkpoint
@@ -118,10 +127,12 @@ def fast_path_to_resume(fast: FastPath, cfg: TrainConfig,
             "it began on cpu and goes on there, where its random pairs are drawn")
 
 
-def train_trial(config: dict, trial_uri: str) -> None:
+def train_trial(config: dict, trial_uri: str, gpus_given: float = 0) -> None:
     """`trial_uri`: the trial's directory in the experiment, or its URI in object storage,
-    whose checkpoints are copied to `trial_dir` on this node's disk (storage.download)."""
+    whose checkpoints are copied to `trial_dir` on this node's disk (storage.download).
+    `gpus_given`: the GPUs Ray gave this trial (a share of one, or none)."""
     model_cfg, cfg = split_config(config)
+    cfg = on_given_device(cfg, gpus_given)
     params = params_of(model_cfg)
     where = {
         "params": params,
