@@ -55,7 +55,7 @@ from sweep.checkpoint import (
 from sweep.device import FastPath, choose_fast_path, pick_device
 from sweep.files import write_csv
 from sweep.plots import plot_curve
-from sweep.scoring import test_score, val_mse
+from sweep.scoring import SCORED_IN, test_score, val_mse
 
 HISTORY_FILE = "metrics.csv"  # beside the checkpoint: one row per epoch
 CURVE_FILE = "curve.png"
@@ -331,6 +331,7 @@ def run_trial(
             "train_seconds": trial.train_seconds,
             "lr": trial.schedule.get_last_lr()[0],
             "params": params,
+            "scored_in": SCORED_IN,  # val and test scores: fp32 whatever the fast path
             "status": "diverged" if diverged else
                       "finished" if trial.epoch == cfg.epochs else "running",
         }
