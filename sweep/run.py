@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
 from sweep import long_runs, signals, storage, study
-from sweep.space import BATCH_SIZES, SMALLEST, budget_violation, space, start_points
+from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")
 MAX_FAILURES = 2  # retries of a trial whose worker died (killed, lost node), from checkpoint
@@ -590,13 +590,11 @@ def optuna_search(c: SweepConfig):
     else:
         # Few random start-up trials: in parallel they are overrun anyway (ray #52535).
         # multivariate: learning rate, batch size and width interact; constant_liar: trials
-        # still running count as bad guesses, so parallel suggestions spread out;
-        # constraints_func: points over --max-params, refused unrun, rank below the rest.
-        constraints = (functools.partial(budget_violation, max_params=max_params)
-                       if max_params else None)
+        # still running count as bad guesses, so parallel suggestions spread out. Points over
+        # --max-params, refused unrun, carry a constraint (StudySearch) that TPE ranks below
+        # every feasible point.
         sampler = optuna.samplers.TPESampler(seed=c.seed, multivariate=True, constant_liar=True,
-                                             n_startup_trials=max(2, min(5, c.trials // 4)),
-                                             constraints_func=constraints)
+                                             n_startup_trials=max(2, min(5, c.trials // 4)))
     # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
     # concurrency limit Tune wraps the searcher and would not pass them on.
     objective = (dict(metric=["val_mse", "params"], mode=["min", "min"])

@@ -112,9 +112,3 @@ def model_params(config: dict) -> int:
     """The parameter count of a config's model."""
     return params_of(split_config(config)[0])
 
-
-def budget_violation(trial: optuna.trial.FrozenTrial, max_params: int) -> list[float]:
-    """TPESampler's constraints_func: > 0 for a trial whose model is over the budget, so
-    that TPE ranks such points below every feasible one and draws fewer of them. The
-    searcher stores each trial's parameter count as its user attr `params`."""
-    return [float(trial.user_attrs.get("params", 0) - max_params)]

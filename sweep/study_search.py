@@ -21,8 +21,9 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         """Optuna's next suggestion within the parameter budget. One over it is told to
-        Optuna as PRUNED with status OVER_BUDGET and never run; with the sampler's
-        constraints_func (space.budget_violation) TPE learns to draw fewer such points.
+        Optuna as PRUNED with status OVER_BUDGET and never run. Every trial carries the
+        constraint `params_over_budget` (its parameters minus the budget; > 0: infeasible),
+        which TPE reads to rank refused points below every feasible one and draw fewer.
         Shrinking it instead would credit Optuna's point with another model's result."""
         while True:
             params = super().suggest(trial_id)
@@ -32,6 +33,8 @@ class StudySearch(OptunaSearch):
             n_params = model_params(params)
             trial.set_user_attr("params", n_params)
             budget = getattr(self, "_max_params", None)  # unpickled from before it was kept
+            if budget is not None:
+                trial.set_constraint("params_over_budget", n_params - budget)
             if budget is None or n_params <= budget:
                 trial.set_user_attr("trial_id", trial_id)  # the report's id, in the dashboard
                 return params

@@ -47,6 +47,7 @@ def stored_trials(url: str, name: str = "sweep") -> list[optuna.trial.FrozenTria
         else:
             assert trial.state == TrialState.PRUNED, trial
             assert trial.user_attrs["status"] == study.OVER_BUDGET, trial
+            assert trial.constraints["params_over_budget"] > 0, trial  # what TPE reads
     return given
 
 
@@ -163,6 +164,7 @@ def test_every_stored_trial_is_the_config_that_trained(tmp_path):
             assert (math.isclose(value, got, rel_tol=1e-12) if isinstance(value, float)
                     else value == got), (row.trial_id, name, value, got)
         assert row.params <= 20_000
+        assert trial.constraints["params_over_budget"] == row.params - 20_000
         if trial.state == TrialState.COMPLETE:
             assert trial.values[1] == row.params, row.trial_id
 

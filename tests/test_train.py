@@ -648,7 +648,7 @@ def test_evaluate_scores_in_fp32_whatever_the_fast_path(tmp_path: Path, capsys,
     """The committed 117k model (results/2026-12-02-long-117k) scored by evaluate.py on a
     machine whose fast path is fp32 and on one whose fast path is bf16 autocast (forced:
     this CPU has AVX512-BF16 or emulates it): the same score. Scored under the fast path's
-    autocast, the two differed by about 1%, half the gap between two targets."""
+    autocast, the two differed (by 0.1% on the full protocol)."""
     checkpoint = (REPO / "results/2026-12-02-long-117k/experiment/trial_3152f_00000/"
                   "checkpoint_000039/checkpoint.pt")
     scores = {}
