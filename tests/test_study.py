@@ -202,7 +202,7 @@ def test_a_study_storage_that_cannot_be_used_is_refused_with_one_line(tmp_path, 
         assert "secret" not in err[-1] and "Traceback" not in "\n".join(err)
         assert not list(tmp_path.glob("runs/sweep/experiment_state*"))
         assert time.monotonic() - started < 15
-    assert len(stored_trials(taken)) == 1  # the other sweep's study is untouched
+    assert len(all_stored_trials(taken)) == 1  # the other sweep's study is untouched
 
 
 # --- a sweep killed and resumed, then shown in optuna-dashboard -----------------------------
@@ -348,7 +348,7 @@ def test_a_new_sweep_moves_an_earlier_study_file_aside_and_says_so(tmp_path, cap
         optuna.trial.create_trial(value=1.0))  # an earlier sweep's study, same name
     assert study.prepare(config, new=True) == url
     [aside] = config.experiment.glob(f"{study.STUDY_FILE}.old-*")
-    assert len(stored_trials(f"sqlite:///{aside}")) == 1  # kept, whole
+    assert len(all_stored_trials(f"sqlite:///{aside}")) == 1  # kept, whole
     assert f"moved aside to {aside.name}" in capsys.readouterr().out
     optuna.create_study(study_name="sweep", storage=url)  # the name is free again
 

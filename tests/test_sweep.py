@@ -222,6 +222,7 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     finished = df[df["status"] == "finished"]
     assert len(finished) >= 1
     assert finished["test_mse_mean"].notna().all() and (finished["test_pairs"] == 100).all()
+    assert (df.loc[df["val_mse"].notna(), "scored_in"] == "fp32").all()
     assert df["pareto"].any()
     assert all(Path(p).is_file() for p in df["checkpoint"])
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -299,9 +300,11 @@ def check_long_runs_of_the_front(source: Path, tmp_path: Path, capsys) -> None:
     chosen = [t.config for t in long_runs.pick_front(source_trials, 2, None)]
     long_trials = load_trials(experiment)
     budget = {"epochs", "samples_per_epoch", "val_pairs", "test_pairs"}
-    assert sorted(str({k: v for k, v in t.config.items() if k not in budget})
+    # In any key order: Tune orders a long run's config as its param_space, the first
+    # chosen config's keys.
+    assert sorted(str(sorted((k, v) for k, v in t.config.items() if k not in budget))
                   for t in long_trials) == sorted(
-        str({k: v for k, v in c.items() if k not in budget}) for c in chosen)
+        str(sorted((k, v) for k, v in c.items() if k not in budget)) for c in chosen)
     for t in long_trials:  # whole batches, 2 epochs of at least 512 samples each
         assert t.config["epochs"] == 2 and t.config["samples_per_epoch"] >= 512
         assert t.config["samples_per_epoch"] % t.config["batch_size"] == 0
