@@ -30,12 +30,11 @@ class StudySearch(OptunaSearch):
             trial = self._ot_trials.get(trial_id)
             if params is None or trial is None or "trial_id" in trial.user_attrs:
                 return params  # a point this trial was given before (Tune asks again)
-            n_params = model_params(params)
-            trial.set_user_attr("params", n_params)
             budget = getattr(self, "_max_params", None)  # unpickled from before it was kept
             if budget is not None:
-                trial.set_constraint("params_over_budget", n_params - budget)
-            if budget is None or n_params <= budget:
+                over = model_params(params) - budget
+                trial.set_constraint("params_over_budget", over)
+            if budget is None or over <= 0:
                 trial.set_user_attr("trial_id", trial_id)  # the report's id, in the dashboard
                 return params
             trial.set_user_attr("status", OVER_BUDGET)
