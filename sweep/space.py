@@ -84,8 +84,8 @@ def shrink_steps(model: dict):
 
 def fit_budget(model: dict, max_params: int | None) -> dict:
     """Over the parameter budget: shrink the model until it fits (SMALLEST always fits:
-    run.py checks that). For the start point only: a suggestion over the budget is not
-    shrunk but refused (over_budget), so that Optuna learns what was trained."""
+    run.py checks that). For the start point: a suggestion over the budget is not shrunk
+    but refused (StudySearch.suggest), so that Optuna learns what was trained."""
     if max_params is None or params_of(UNetConfig(**model)) <= max_params:
         return model
     for smaller in shrink_steps(model):
@@ -94,12 +94,16 @@ def fit_budget(model: dict, max_params: int | None) -> dict:
     return smaller  # SMALLEST, which fits: run.py refuses a --max-params below it
 
 
-def space(trial: optuna.Trial, constants: dict) -> dict:
+def space(trial: optuna.Trial, constants: dict, max_params: int | None = None) -> dict:
     """The define-by-run function for OptunaSearch (bind `constants`, the fixed train
     settings, with functools.partial, which pickles with the experiment). Returns exactly
     what Optuna suggested: a suggestion over the parameter budget is refused by the
-    searcher (sweep/study_search.py), never repaired here."""
+    searcher (sweep/study_search.py), never repaired here. `max_params` is bound only in
+    sweeps begun before that (their pickled searcher lacks the budget): resumed, they go on
+    shrinking suggestions as they began."""
     model = suggest_model(trial)
+    if max_params is not None:
+        model = fit_budget(model, max_params)
     lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
     batch_size = trial.suggest_categorical("batch_size", BATCH_SIZES)
     loss = trial.suggest_categorical("loss", LOSSES)

@@ -179,6 +179,10 @@ def test_every_suggestion_builds_fits_its_budget_and_smallest_is_the_floor():
         model = {k: v for k, v in config.items() if k in UNetConfig.__dataclass_fields__}
         shrunk = split_config({**config, **fit_budget(model, floor)})[0]
         assert params_of(shrunk) <= floor
+        # A sweep begun before suggestions were refused binds max_params: resumed, it goes
+        # on shrinking them as it began.
+        resumed = split_config(space(study.ask(), constants={}, max_params=floor))[0]
+        assert params_of(resumed) <= floor
     assert seen == {(b, o) for b in ("plain", "residual", "naf") for o in ("both", "one")}
 
 
