@@ -33,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweep import run
+from sweep import run, study
 
 VARIANTS = {"ours": [], "baseline": ["--search", "random", "--no-early-stop", "--no-warm-start"],
             "cold": ["--no-warm-start"]}
@@ -60,6 +60,16 @@ def time_to(trace: list[tuple[float, float]], mark: float, budget: float) -> flo
     return next((t for t, best in trace if best <= mark), budget)
 
 
+def refused(config: run.SweepConfig) -> tuple[int, int]:
+    """(suggestions refused over --max-params, trials run) in the sweep's stored study."""
+    import optuna
+
+    trials = optuna.load_study(study_name=config.name,
+                               storage=study.url_of(config)).get_trials(deepcopy=False)
+    over = sum(t.user_attrs.get("status") == study.OVER_BUDGET for t in trials)
+    return over, len(trials) - over
+
+
 def run_variant(name: str, extra: list[str], args, seed: int, root: Path
                 ) -> list[tuple[float, float]]:
     argv = ["--name", f"{name}-{seed}", "--storage", str(root / "runs"),
@@ -73,6 +83,9 @@ def run_variant(name: str, extra: list[str], args, seed: int, root: Path
     code = run.sweep(config)  # ends by the time budget, trials still queued: exit 0
     if code != 0:  # a failed or interrupted sweep would count as one that never got there
         sys.exit(f"error: the {name} sweep (seed {seed}) failed, exit {code}: no figures")
+    over, ran = refused(config)
+    print(f"{name} (seed {seed}): {ran} trials run, {over} suggestions refused over "
+          f"--max-params {args.max_params}")
     return best_so_far(config.experiment, started)
 
 
@@ -86,7 +99,8 @@ def compare(traces: dict[str, list[tuple[float, float]]], budget: float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--budget", type=float, default=480, help="seconds per sweep")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds per sweep (default %(default)s; 240 halves the run)")
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--samples-per-epoch", type=int, default=2048)
     parser.add_argument("--max-params", type=int, default=100_000)

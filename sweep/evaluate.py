@@ -3,12 +3,17 @@
     python sweep/evaluate.py CHECKPOINT [--pairs 20000] [--png separation.png]
 
 Test MSE over 10 seeded sets of 20,000 test pairs (the protocol every published score
-uses), printed as mean and std; the PNG shows mixture, true and predicted components.
+uses), computed in fp32 on every machine, printed as mean and std, and on the full protocol
+kept beside the checkpoint in test_score.json (front.py reads it); the PNG shows mixture,
+true and predicted components.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -29,8 +34,16 @@ from sweep.checkpoint import (
     model_from_checkpoint,
 )
 from sweep.device import choose_fast_path, pick_device
+from sweep.files import atomic_write
 from sweep.plots import plot_separations
-from sweep.scoring import TEST_PAIRS, TEST_SEEDS, separation_rows, test_score
+from sweep.scoring import (
+    SCORE_FILE,
+    SCORED_IN,
+    TEST_PAIRS,
+    TEST_SEEDS,
+    separation_rows,
+    test_score,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.checkpoint}: epoch {state['epoch']}, {params} params, mixture {mixture}")
     start = time.perf_counter()
     mean, std = test_score(model, sources.test, mixture, fast, args.pairs)
-    print(f"test_mse: {mean:.4e} ± {std:.1e} (std over {len(TEST_SEEDS)} sets of "
+    print(f"test_mse: {mean:.4e} ± {std:.1e} (in {SCORED_IN}; std over {len(TEST_SEEDS)} sets of "
           f"{args.pairs} pairs; {time.perf_counter() - start:.0f}s)")
     beside = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    if args.pairs == TEST_PAIRS:  # the protocol's score: front.py takes it from here
+        record = {"test_mse_mean": mean, "test_mse_std": std, "test_pairs": args.pairs,
+                  "scored_in": SCORED_IN, "scored_on": cpu_name(),
+                  "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        try:
+            atomic_write(beside / SCORE_FILE,
+                         lambda f: f.write(json.dumps(record, indent=1).encode()))
+            print(f"score: {beside / SCORE_FILE}")
+        except OSError as e:  # the score is printed above
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     png = args.png or beside / "separation.png"
     rows = separation_rows(model, sources.test, mixture, fast, n=6)
     try:
@@ -78,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"png: {png}")
     return 0
+
+
+def cpu_name() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it (else the architecture)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def local_copy(checkpoint: str) -> Path:

@@ -12,6 +12,7 @@ much it misses).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from sweep.checkpoint import CheckpointError, load_checkpoint, samples_trained
 from sweep.files import atomic_write
-from sweep.scoring import PUBLISHED, TEST_PAIRS
+from sweep.scoring import PUBLISHED, SCORE_FILE, TEST_PAIRS
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,21 @@ class Point:
     test_mse: float
     test_std: float = float("nan")
     samples: int = 0  # training samples seen (ours)
+    scored_in: str = ""  # ours: "fp32", or "" for a score from before it was kept
 
 
 def our_point(path: Path) -> Point | None:
-    """A checkpoint's model as a point, if it was scored on the full test protocol."""
+    """A checkpoint's model as a point, if it was scored on the full test protocol: by
+    evaluate.py (SCORE_FILE beside it, in fp32), else as the checkpoint's metrics hold it."""
     state = load_checkpoint(path)
     metrics = state["metrics"]
+    if (score := path.with_name(SCORE_FILE)).exists():
+        metrics = {**metrics, **json.loads(score.read_text())}
     if metrics.get("test_pairs", 0) < TEST_PAIRS:
         return None
     return Point(str(path), int(metrics["params"]), float(metrics["test_mse_mean"]),
-                 float(metrics["test_mse_std"]), samples_trained(state))
+                 float(metrics["test_mse_std"]), samples_trained(state),
+                 metrics.get("scored_in", ""))
 
 
 def dominates(ours: Point, theirs: Point) -> bool:
@@ -73,7 +79,8 @@ def markdown(rows: list[dict]) -> str:
         verdict = "**yes**" if row["dominated"] else \
             f"no ({ours.test_mse / theirs.test_mse - 1:+.0%} MSE)"
         lines.append(f"{left} {verdict} | `{ours.name}` | {ours.params:,} | "
-                     f"{ours.test_mse:.3e} ± {ours.test_std:.1e} | "
+                     f"{ours.test_mse:.3e} ± {ours.test_std:.1e}"
+                     f"{f' ({ours.scored_in})' if ours.scored_in else ''} | "
                      f"{ours.samples / 1e6:.1f}M samples |")
     return "\n".join(lines) + "\n"
 

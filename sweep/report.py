@@ -31,7 +31,9 @@ AXES = ["base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
         "mixture_consistent", "batch_norm", "lr", "batch_size", "loss"]
 METRICS = ["params", "flops_per_sample", "epochs", "val_mse", "test_mse_mean",
            "test_mse_std", "test_pairs", "train_seconds", "samples_per_s"]
-COLUMNS = ["trial_id", "status", *AXES, *METRICS, "pareto", "checkpoint", "node", "error"]
+# scored_in: the precision of val_mse and test_mse (fp32; empty for trials of older runs).
+COLUMNS = ["trial_id", "status", *AXES, *METRICS, "scored_in", "pareto", "checkpoint", "node",
+           "error"]
 
 
 def trial_status(tune_status: str, result: dict) -> str:
@@ -104,6 +106,7 @@ def trial_record(trial, tune_status: str | None = None) -> dict:
         "params": params,
         "flops_per_sample": flops,
         "epochs": result.get("epoch"),
+        "scored_in": result.get("scored_in", ""),
         "checkpoint": checkpoint_file(trial, result),
         "node": result.get("node", ""),
         "error": error or result.get("reason", ""),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 
 from model.unet import BLOCKS, OUTPUTS, PRESETS, UPSAMPLES, UNetConfig, params_of
-from sweep.train import LOSSES
+from sweep.train import LOSSES, split_config
 
 BASE_FILTERS = (8, 12, 16, 24, 32, 48)
 BATCH_SIZES = (32, 64, 128)
@@ -45,17 +45,18 @@ def suggest_output(trial: optuna.Trial) -> dict:
             "mixture_consistent": trial.suggest_categorical("mixture_consistent", (True, False))}
 
 
-def start_points() -> list[dict]:
+def start_points(max_params: int | None) -> list[dict]:
     """Where the search starts: the `small` preset with the long run's learning rate and
-    batch size (results/2026-11-26-long-small), shrunk to the budget like any suggestion. A
-    trial that is known to train well gives TPE something to build on from the first
-    result, instead of only its random start-up guesses. Keys are the suggestion names."""
+    batch size (results/2026-11-26-long-small), shrunk to the budget before Optuna gets it,
+    so that the enqueued point is the config that trains. A trial that is known to train
+    well gives TPE something to build on from the first result, instead of only its random
+    start-up guesses. Keys are the suggestion names."""
     small = PRESETS["small"]
     model = {name: getattr(small, name) for name in (
         "base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
         "depthwise_head", "block", "upsample", "attention_gates", "output",
         "mixture_consistent")}
-    return [{**model, "lr": 3e-3, "batch_size": 64, "loss": "mse"}]
+    return [{**fit_budget(model, max_params), "lr": 3e-3, "batch_size": 64, "loss": "mse"}]
 
 
 def shrink_steps(model: dict):
@@ -82,8 +83,9 @@ def shrink_steps(model: dict):
 
 
 def fit_budget(model: dict, max_params: int | None) -> dict:
-    """Over the parameter budget: shrink the suggestion until it fits, so no trial is
-    spent on a model we would not train (SMALLEST always fits: run.py checks that)."""
+    """Over the parameter budget: shrink the model until it fits (SMALLEST always fits:
+    run.py checks that). For the start point: a suggestion over the budget is not shrunk
+    but refused (StudySearch.suggest), so that Optuna learns what was trained."""
     if max_params is None or params_of(UNetConfig(**model)) <= max_params:
         return model
     for smaller in shrink_steps(model):
@@ -92,15 +94,25 @@ def fit_budget(model: dict, max_params: int | None) -> dict:
     return smaller  # SMALLEST, which fits: run.py refuses a --max-params below it
 
 
-def space(trial: optuna.Trial, constants: dict, max_params: int | None) -> dict:
-    """The define-by-run function for OptunaSearch (bind the last two with
-    functools.partial, which pickles with the experiment); `constants` are the fixed train
-    settings. Values returned here override what Optuna suggested, so a shrunk variant shows
-    in the trial's config (Optuna keeps the value it asked for)."""
-    model = fit_budget(suggest_model(trial), max_params)
+def space(trial: optuna.Trial, constants: dict, max_params: int | None = None) -> dict:
+    """The define-by-run function for OptunaSearch (bind `constants`, the fixed train
+    settings, with functools.partial, which pickles with the experiment). Returns exactly
+    what Optuna suggested: a suggestion over the parameter budget is refused by the
+    searcher (sweep/study_search.py), never repaired here. `max_params` is bound only in
+    sweeps begun before that (their pickled searcher lacks the budget): resumed, they go on
+    shrinking suggestions as they began."""
+    model = suggest_model(trial)
+    if max_params is not None:
+        model = fit_budget(model, max_params)
     lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
     batch_size = trial.suggest_categorical("batch_size", BATCH_SIZES)
     loss = trial.suggest_categorical("loss", LOSSES)
     # batch_norm is fixed, but named so that the report shows it beside the searched axes.
     return {**model, "batch_norm": True, "lr": lr, "batch_size": batch_size, "loss": loss,
             **constants}
+
+
+def model_params(config: dict) -> int:
+    """The parameter count of a config's model."""
+    return params_of(split_config(config)[0])
+

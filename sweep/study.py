@@ -23,6 +23,12 @@ import optuna
 from optuna.trial import TrialState
 
 STUDY_FILE = "optuna-study.db"  # in the experiment directory, the default storage
+# A suggestion whose model is over --max-params: told PRUNED with this status, never run.
+OVER_BUDGET = "over budget: not run"
+# A diverged trial's val_mse as Optuna is told it: the worst MSE a model can score (its
+# predictions are clamped to [0, 1], as the targets are), so that the sampler ranks the
+# point below every trial that trained. FAIL, which TPE ignores, never taught it that.
+DIVERGED_VAL_MSE = 1.0
 
 
 def __getattr__(name: str):
@@ -112,15 +118,18 @@ def check_new_study(url: str, name: str) -> None:
 def outcome(result: dict | None, metric: str | list[str], error: bool
             ) -> tuple[TrialState, list[float] | None]:
     """Optuna's state and values for a trial Tune ended. Ray's OptunaSearch tells every
-    ended trial COMPLETE, and Optuna refuses a NaN value (a diverged trial, a config the
-    model refused): the trial then stayed RUNNING in the storage. A trial that ended before
-    its last epoch (ASHA, the time budget) is PRUNED: Optuna keeps its last reported val_mse
-    as its value, and TPE ranks it below the trials that finished."""
+    ended trial COMPLETE, and Optuna refuses a NaN value (a config the model refused): the
+    trial then stayed RUNNING in the storage; it is FAIL. A diverged trial is COMPLETE with
+    val_mse DIVERGED_VAL_MSE (its status user attr says "diverged"). A trial that ended
+    before its last epoch (ASHA, the time budget) is PRUNED: Optuna keeps its last reported
+    val_mse as its value, and TPE ranks it below the trials that finished."""
     if error:
         return TrialState.FAIL, None
     if not result:  # stopped before its first result (Ray's choice too)
         return TrialState.PRUNED, None
     metrics = metric if isinstance(metric, list) else [metric]
+    if result.get("status") == "diverged":
+        result = {**result, "val_mse": DIVERGED_VAL_MSE}
     values = [result.get(m) for m in metrics]
     if any(v is None or not math.isfinite(v) for v in values):
         return TrialState.FAIL, None

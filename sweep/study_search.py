@@ -7,18 +7,39 @@ from __future__ import annotations
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep.study import outcome
+from sweep.space import model_params
+from sweep.study import OVER_BUDGET, outcome
 
 
 class StudySearch(OptunaSearch):
-    """Ray's OptunaSearch with its study in real storage, kept true across resumes."""
+    """Ray's OptunaSearch with its study in real storage, kept true across resumes, and
+    every trial's parameters the config that trains: none over `max_params` is run."""
+
+    def __init__(self, *args, max_params: int | None = None, **kwargs) -> None:
+        self._max_params = max_params
+        super().__init__(*args, **kwargs)
 
     def suggest(self, trial_id: str) -> dict | None:
-        params = super().suggest(trial_id)
-        trial = self._ot_trials.get(trial_id)
-        if trial is not None and "trial_id" not in trial.user_attrs:
-            trial.set_user_attr("trial_id", trial_id)  # the report's id, in the dashboard
-        return params
+        """Optuna's next suggestion within the parameter budget. One over it is told to
+        Optuna as PRUNED with status OVER_BUDGET and never run. Every trial carries the
+        constraint `params_over_budget` (its parameters minus the budget; > 0: infeasible),
+        which TPE reads to rank refused points below every feasible one and draw fewer.
+        Shrinking it instead would credit Optuna's point with another model's result."""
+        while True:
+            params = super().suggest(trial_id)
+            trial = self._ot_trials.get(trial_id)
+            if params is None or trial is None or "trial_id" in trial.user_attrs:
+                return params  # a point this trial was given before (Tune asks again)
+            budget = getattr(self, "_max_params", None)  # unpickled from before it was kept
+            if budget is not None:
+                over = model_params(params) - budget
+                trial.set_constraint("params_over_budget", over)
+            if budget is None or over <= 0:
+                trial.set_user_attr("trial_id", trial_id)  # the report's id, in the dashboard
+                return params
+            trial.set_user_attr("status", OVER_BUDGET)
+            self._ot_study.tell(trial, state=TrialState.PRUNED)
+            del self._ot_trials[trial_id]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials:  # told before the driver was killed

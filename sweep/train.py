@@ -54,7 +54,7 @@ from sweep.device import FastPath, choose_fast_path, pick_device
 from sweep.files import write_csv
 from sweep.plots import plot_curve
 from sweep.recipe import OPTIMIZERS, SCHEDULES, Ema, build_optimizer, build_schedule, make_step_fn
-from sweep.scoring import test_score, val_mse
+from sweep.scoring import SCORED_IN, test_score, val_mse
 
 HISTORY_FILE = "metrics.csv"  # beside the checkpoint: one row per epoch
 CURVE_FILE = "curve.png"
@@ -320,6 +320,7 @@ def run_trial(
             "train_seconds": trial.train_seconds,
             "lr": trial.schedule.get_last_lr()[0],
             "params": params,
+            "scored_in": SCORED_IN,  # val and test scores: fp32 whatever the fast path
             "status": "diverged" if diverged else
                       "finished" if trial.epoch == cfg.epochs else "running",
         }

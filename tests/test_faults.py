@@ -518,9 +518,9 @@ FAULTS = [
 ]
 
 
-def faulty_space(trial, constants: dict, max_params: int | None) -> dict:
+def faulty_space(trial, constants: dict) -> dict:
     """The real search space, with trial N's config overridden by FAULTS[N]."""
-    config = real_space(trial, constants, max_params)
+    config = real_space(trial, constants)
     return {**config, **SMALLEST.to_dict(), **FAULTS[trial.number % len(FAULTS)][1]}
 
 

@@ -23,18 +23,32 @@ import pytest
 from optuna.trial import TrialState
 
 from sweep import run, study
-from sweep.space import space
+from sweep.space import space, start_points
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--samples-per-epoch", "512", "--val-pairs", "100", "--test-pairs", "0",
         "--max-params", "20000", "--max-epochs", "1"]
 # Where a report's status puts a trial in the study.
 STATES = {"finished": TrialState.COMPLETE, "stopped early": TrialState.PRUNED,
-          "diverged": TrialState.FAIL, "error": TrialState.FAIL}
+          "diverged": TrialState.COMPLETE, "error": TrialState.FAIL}
+
+
+def all_stored_trials(url: str, name: str = "sweep") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
 
 
 def stored_trials(url: str, name: str = "sweep") -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=url).get_trials()
+    """The stored trials Tune was given; the others are suggestions over --max-params,
+    told PRUNED and never run (checked here)."""
+    given = []
+    for trial in all_stored_trials(url, name):
+        if "trial_id" in trial.user_attrs:
+            given.append(trial)
+        else:
+            assert trial.state == TrialState.PRUNED, trial
+            assert trial.user_attrs["status"] == study.OVER_BUDGET, trial
+            assert trial.constraints["params_over_budget"] > 0, trial  # what TPE reads
+    return given
 
 
 def check_study_matches_report(url: str, report: pd.DataFrame) -> None:
@@ -46,7 +60,10 @@ def check_study_matches_report(url: str, report: pd.DataFrame) -> None:
     for row in report.itertuples():
         trial = by_id[row.trial_id]
         assert trial.state == STATES[row.status], (row, trial)
-        if trial.state == TrialState.COMPLETE:
+        if row.status == "diverged":  # told as the worst score, so that TPE learns it
+            assert trial.values[0] == study.DIVERGED_VAL_MSE, (row, trial)
+            assert trial.user_attrs["status"] == "diverged"
+        elif trial.state == TrialState.COMPLETE:
             assert math.isclose(trial.values[0], row.val_mse, rel_tol=1e-6), (row, trial)
     for trial in trials:
         if trial.user_attrs.get("trial_id") not in set(report["trial_id"]):
@@ -57,8 +74,9 @@ def check_study_matches_report(url: str, report: pd.DataFrame) -> None:
 # --- resume: the snapshot lags the storage -------------------------------------------------
 
 def new_search(url: str) -> study.StudySearch:
-    define_by_run = functools.partial(space, constants={}, max_params=20_000)  # as run.py's
+    define_by_run = functools.partial(space, constants={})  # as run.py's
     return study.StudySearch(define_by_run, metric="val_mse", mode="min", study_name="sweep",
+                             max_params=20_000,
                              storage=study.open_storage(url),
                              sampler=optuna.samplers.RandomSampler(seed=0))
 
@@ -83,9 +101,8 @@ def test_a_resume_from_a_lagging_snapshot_leaves_no_trial_running_and_tells_none
 
     resumed = pickle.loads(at_start)
     resumed.restore(str(tmp_path / "snapshot.pkl"))
-    number = {"a": 0, "b": 1, "c": 2, "d": 3}  # the order they were asked for
-    states = {t.number: t.state for t in stored_trials(url)}
-    assert states == {0: TrialState.COMPLETE, 1: TrialState.RUNNING, 2: TrialState.FAIL}
+    states = {t.user_attrs["trial_id"]: t.state for t in stored_trials(url)}
+    assert states == {"a": TrialState.COMPLETE, "b": TrialState.RUNNING, "c": TrialState.FAIL}
     # Tune runs a again (its snapshot shows it running) and b on from its checkpoint.
     for trial_id in ("a", "b"):
         resumed.on_trial_result(trial_id, {"val_mse": 0.1, "training_iteration": 2})
@@ -93,12 +110,15 @@ def test_a_resume_from_a_lagging_snapshot_leaves_no_trial_running_and_tells_none
     resumed.on_trial_complete("b", {"val_mse": 0.3, "status": "running"})  # ASHA stopped it
     resumed.suggest("d")
     resumed.on_trial_complete("d", {"val_mse": math.nan, "status": "diverged"})
-    trials = {k: stored_trials(url)[n] for k, n in number.items()}
-    assert all(trials[k].user_attrs["trial_id"] == k for k in "abd")  # the dashboard shows it
+    trials = {t.user_attrs["trial_id"]: t for t in stored_trials(url)}
+    assert set(trials) == set("abcd")  # the dashboard shows Tune's id
     assert trials["a"].state == TrialState.COMPLETE and trials["a"].value == 0.2  # told once
     assert trials["b"].state == TrialState.PRUNED and trials["b"].value == 0.1  # last value
     assert trials["c"].state == TrialState.FAIL
-    assert trials["d"].state == TrialState.FAIL  # NaN: Ray's OptunaSearch left it RUNNING
+    # NaN: Ray's OptunaSearch left it RUNNING; told as the worst score, TPE learns from it
+    assert trials["d"].state == TrialState.COMPLETE
+    assert trials["d"].value == study.DIVERGED_VAL_MSE
+    assert trials["d"].user_attrs["status"] == "diverged"
 
 
 def test_outcome_of_each_way_a_trial_ends():
@@ -108,11 +128,45 @@ def test_outcome_of_each_way_a_trial_ends():
     assert study.outcome({**ok, "status": "finished"}, ["val_mse", "params"], False) == (
         TrialState.COMPLETE, [0.1, 1000])
     assert study.outcome({**ok, "status": "running"}, "val_mse", False)[0] == TrialState.PRUNED
+    diverged = {"val_mse": math.nan, "params": 1000, "status": "diverged"}
+    assert study.outcome(diverged, ["val_mse", "params"], False) == (
+        TrialState.COMPLETE, [study.DIVERGED_VAL_MSE, 1000])
     assert study.outcome({**ok, "status": "finished"}, "val_mse", True)[0] == TrialState.FAIL
     assert study.outcome({"val_mse": math.nan, "status": "error"}, "val_mse", False)[0] == \
         TrialState.FAIL
     assert study.outcome(None, "val_mse", False)[0] == TrialState.PRUNED  # before it began
     assert study.outcome(None, "val_mse", True)[0] == TrialState.FAIL
+
+
+# --- the study holds the configs that trained -----------------------------------------------
+
+def test_every_stored_trial_is_the_config_that_trained(tmp_path):
+    """A real pareto sweep under a budget most of the space exceeds (20,000 parameters; the
+    small preset has 262,822): each trial Tune ran is stored with the parameters it trained
+    with (its report row) and, as its `params` objective, its model's parameter count;
+    every other stored trial is a suggestion over the budget, never run. Suggestions were
+    shrunk to fit before, and Optuna kept the wide values it had suggested."""
+    code = run.main(["--storage", str(tmp_path / "runs"), "--report",
+                     str(tmp_path / "report.csv"), *TINY, "--trials", "4",
+                     "--objective", "pareto", "--cpus", "2"])
+    assert code == 0
+    report = pd.read_csv(tmp_path / "report.csv")
+    url = study.default_url(tmp_path / "runs" / "sweep")
+    trials = {t.user_attrs.get("trial_id"): t for t in all_stored_trials(url)}
+    first = min(trials.values(), key=lambda t: t.number)
+    assert first.params == start_points(20_000)[0]  # the warm start, enqueued as it trains
+    trials = {t.user_attrs["trial_id"]: t for t in stored_trials(url)}
+    assert set(trials) == set(report["trial_id"])
+    for row in report.itertuples():
+        trial = trials[row.trial_id]
+        for name, value in trial.params.items():
+            got = getattr(row, name)
+            assert (math.isclose(value, got, rel_tol=1e-12) if isinstance(value, float)
+                    else value == got), (row.trial_id, name, value, got)
+        assert row.params <= 20_000
+        assert trial.constraints["params_over_budget"] == row.params - 20_000
+        if trial.state == TrialState.COMPLETE:
+            assert trial.values[1] == row.params, row.trial_id
 
 
 # --- the storage refused before anything starts ---------------------------------------------
@@ -148,7 +202,7 @@ def test_a_study_storage_that_cannot_be_used_is_refused_with_one_line(tmp_path, 
         assert "secret" not in err[-1] and "Traceback" not in "\n".join(err)
         assert not list(tmp_path.glob("runs/sweep/experiment_state*"))
         assert time.monotonic() - started < 15
-    assert len(stored_trials(taken)) == 1  # the other sweep's study is untouched
+    assert len(all_stored_trials(taken)) == 1  # the other sweep's study is untouched
 
 
 # --- a sweep killed and resumed, then shown in optuna-dashboard -----------------------------
@@ -241,8 +295,9 @@ def test_optuna_dashboard_shows_the_finished_sweep_as_the_report_does(finished_s
         [summary] = get(f"{base}/api/studies")["study_summaries"]
         assert summary["study_name"] == "sweep" and summary["directions"] == ["minimize"]
         detail = get(f"{base}/api/studies/{summary['study_id']}")
-    shown = {next(a["value"] for a in t["user_attrs"] if a["key"] == "trial_id"): t
-             for t in detail["trials"]}
+    ids = [{a["key"]: a["value"] for a in t["user_attrs"]}.get("trial_id")
+           for t in detail["trials"]]
+    shown = {i: t for i, t in zip(ids, detail["trials"], strict=True) if i}  # Tune's trials
     lost = {k: t for k, t in shown.items() if k not in set(report["trial_id"])}
     assert len(shown) == len(report) + len(lost)
     assert [t["state"] for t in lost.values()] == ["Fail"]  # lost with the killed driver
@@ -293,7 +348,7 @@ def test_a_new_sweep_moves_an_earlier_study_file_aside_and_says_so(tmp_path, cap
         optuna.trial.create_trial(value=1.0))  # an earlier sweep's study, same name
     assert study.prepare(config, new=True) == url
     [aside] = config.experiment.glob(f"{study.STUDY_FILE}.old-*")
-    assert len(stored_trials(f"sqlite:///{aside}")) == 1  # kept, whole
+    assert len(all_stored_trials(f"sqlite:///{aside}")) == 1  # kept, whole
     assert f"moved aside to {aside.name}" in capsys.readouterr().out
     optuna.create_study(study_name="sweep", storage=url)  # the name is free again
 

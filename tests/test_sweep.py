@@ -15,11 +15,11 @@ import optuna
 import pandas as pd
 import pytest
 
-from model.unet import PRESETS, params_of, train_flops_per_sample
+from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep import long_runs, run
 from sweep import report as report_cli
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
-from sweep.space import SMALLEST, space, start_points
+from sweep.space import SMALLEST, fit_budget, space, start_points
 from sweep.train import split_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,38 +142,47 @@ def test_asha_first_compares_trials_after_enough_samples():
 
 
 def test_the_search_starts_from_the_small_preset_fitted_to_the_budget():
-    point = start_points()[0]
     study = optuna.create_study()
 
     def first_trial(max_params):
+        point = start_points(max_params)[0]  # fitted before Optuna gets it
         study.enqueue_trial(point)
         trial = study.ask()
-        config = space(trial, constants={}, max_params=max_params)
-        # The point names exactly what the space asks for, so Optuna suggests nothing else.
+        config = space(trial, constants={})
+        # The point names exactly what the space asks for, so Optuna suggests nothing else,
+        # and the config that trains is the point Optuna stores.
         assert trial.params == point
+        assert {k: config[k] for k in point} == point
         assert (config["lr"], config["batch_size"]) == (3e-3, 64)
         return split_config(config)[0]
 
     assert first_trial(max_params=None) == PRESETS["small"]
-    assert params_of(first_trial(max_params=20_000)) <= 20_000  # shrunk like any suggestion
+    assert params_of(first_trial(max_params=20_000)) <= 20_000
 
 
 def test_every_suggestion_builds_fits_its_budget_and_smallest_is_the_floor():
     """Random suggestions of the whole space, levers included: each builds, none has fewer
-    parameters than SMALLEST, and a budget of SMALLEST's size shrinks every one to fit (a
-    NAF-block or gated model too), so run.py's floor check is the true floor."""
+    parameters than SMALLEST, and fit_budget (the start point's) shrinks every one to fit a
+    budget of SMALLEST's size (a NAF-block or gated model too), so run.py's floor check is
+    the true floor."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     floor = params_of(SMALLEST)
     seen = set()
     for _ in range(60):
         trial = study.ask()
-        free = split_config(space(trial, constants={}, max_params=None))[0]
+        config = space(trial, constants={})
+        free = split_config(config)[0]
         assert params_of(free) >= floor
         seen.add((free.block, free.output))
         if free.output == "one":  # the projection is moot there, so never asked
             assert "mixture_consistent" not in trial.params
-        shrunk = split_config(space(study.ask(), constants={}, max_params=floor))[0]
+        model = {k: v for k, v in config.items() if k in UNetConfig.__dataclass_fields__}
+        shrunk = split_config({**config, **fit_budget(model, floor)})[0]
         assert params_of(shrunk) <= floor
+        # A sweep begun before suggestions were refused binds max_params: resumed, it goes
+        # on shrinking them as it began.
+        resumed = split_config(space(study.ask(), constants={}, max_params=floor))[0]
+        assert params_of(resumed) <= floor
     assert seen == {(b, o) for b in ("plain", "residual", "naf") for o in ("both", "one")}
 
 
@@ -217,6 +226,7 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     finished = df[df["status"] == "finished"]
     assert len(finished) >= 1
     assert finished["test_mse_mean"].notna().all() and (finished["test_pairs"] == 100).all()
+    assert (df.loc[df["val_mse"].notna(), "scored_in"] == "fp32").all()
     assert df["pareto"].any()
     assert all(Path(p).is_file() for p in df["checkpoint"])
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -294,9 +304,11 @@ def check_long_runs_of_the_front(source: Path, tmp_path: Path, capsys) -> None:
     chosen = [t.config for t in long_runs.pick_front(source_trials, 2, None)]
     long_trials = load_trials(experiment)
     budget = {"epochs", "samples_per_epoch", "val_pairs", "test_pairs"}
-    assert sorted(str({k: v for k, v in t.config.items() if k not in budget})
+    # In any key order: Tune orders a long run's config as its param_space, the first
+    # chosen config's keys.
+    assert sorted(str(sorted((k, v) for k, v in t.config.items() if k not in budget))
                   for t in long_trials) == sorted(
-        str({k: v for k, v in c.items() if k not in budget}) for c in chosen)
+        str(sorted((k, v) for k, v in c.items() if k not in budget)) for c in chosen)
     for t in long_trials:  # whole batches, 2 epochs of at least 512 samples each
         assert t.config["epochs"] == 2 and t.config["samples_per_epoch"] >= 512
         assert t.config["samples_per_epoch"] % t.config["batch_size"] == 0

@@ -133,6 +133,7 @@ def test_test_pairs_adds_the_test_score_at_the_end(sources: Sources, fast) -> No
     cfg = TrainConfig(epochs=1, samples_per_epoch=256, val_pairs=100, test_pairs=100, threads=1)
     [(metrics, state, _)] = list(run_trial(preset("tiny"), cfg, sources, fast))
     assert metrics["status"] == "finished" and metrics["test_pairs"] == 100
+    assert metrics["scored_in"] == "fp32"
     assert 0 < metrics["test_mse_std"] < metrics["test_mse_mean"] < 0.2
     assert state["metrics"] is metrics
 
@@ -669,6 +670,26 @@ def test_evaluate_scores_a_checkpoint_and_draws_a_png(cli_run: Path, tmp_path: P
     assert "sets of 500 pairs" in line and "epoch 2" in result.stdout
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_evaluate_scores_in_fp32_whatever_the_fast_path(tmp_path: Path, capsys,
+                                                       monkeypatch) -> None:
+    """The committed 117k model (results/2026-12-02-long-117k) scored by evaluate.py on a
+    machine whose fast path is fp32 and on one whose fast path is bf16 autocast (forced:
+    this CPU has AVX512-BF16 or emulates it): the same score. Scored under the fast path's
+    autocast, the two differed (by 0.1% on the full protocol)."""
+    checkpoint = (REPO / "results/2026-12-02-long-117k/experiment/trial_3152f_00000/"
+                  "checkpoint_000039/checkpoint.pt")
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        monkeypatch.setattr(evaluate, "choose_fast_path",
+                            lambda device, p=precision: choose_fast_path(device, p))
+        assert evaluate.main([str(checkpoint), "--pairs", "300", "--threads", "1",
+                              "--png", str(tmp_path / f"{precision}.png")]) == 0
+        [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("test_mse")]
+        assert "(in fp32;" in line
+        scores[precision] = float(line.split()[1])
+    assert scores["bf16"] == pytest.approx(scores["fp32"], rel=1e-4), scores
 
 
 def test_evaluate_refuses_a_foreign_file(tmp_path: Path, capsys) -> None:
