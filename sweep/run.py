@@ -599,7 +599,8 @@ def optuna_search(c: SweepConfig):
     # The study in real storage, named after the experiment, for optuna-dashboard.
     search = study.StudySearch(define_by_run, sampler=sampler, **objective,
                                points_to_evaluate=start_points() if c.warm_start else None,
-                               study_name=c.name, storage=study.open_storage(study.url_of(c)))
+                               study_name=c.name, storage=study.open_storage(study.url_of(c)),
+                               own_file=not c.study_storage)
     scheduler = None  # FIFO: every trial runs all its epochs
     if c.early_stop:
         # A rung whose trials all ended in error or divergence holds only NaN: ASHA's
