@@ -773,10 +773,12 @@ def sweep_under_lock(c: SweepConfig) -> int:
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
     resuming = tune.Tuner.can_restore(experiment)
+    # Long runs search nothing: no study. First: a study that cannot be resumed (locked,
+    # damaged, another sweep's) is refused before anything in the experiment changes.
+    study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
     if resuming:
         set_aside_lost_trials(experiment)
-    # Long runs search nothing: no study.
-    study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
+        storage.relocate_search_state(experiment)  # a moved experiment's new trials
     fill_data_cache()
     start_ray(c)
     signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own
