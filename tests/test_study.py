@@ -137,6 +137,22 @@ def test_a_snapshot_carries_its_study_to_wherever_the_experiment_is_now(tmp_path
         TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING]
 
 
+def test_a_study_storage_url_is_kept_as_given_on_a_resume(tmp_path, monkeypatch):
+    """--study-storage names a database a cluster shares: the resumed searcher goes on
+    there, never at the experiment's own file."""
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    search = new_search(shared)
+    search.suggest("a")
+    search.save(str(tmp_path / "snapshot.pkl"))
+    own_file = tmp_path / "experiment" / study.STUDY_FILE
+    monkeypatch.setattr(study, "_own_file_url", f"sqlite:///{own_file}")
+    resumed = pickle.loads(pickle.dumps(search))
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    resumed.on_trial_complete("a", {"val_mse": 0.5, "status": "finished"})
+    assert [t.state for t in stored_trials(shared)] == [TrialState.COMPLETE]
+    assert not (tmp_path / "experiment").exists()
+
+
 def test_outcome_of_each_way_a_trial_ends():
     ok = {"val_mse": 0.1, "params": 1000}
     assert study.outcome({**ok, "status": "finished"}, "val_mse", False) == (
