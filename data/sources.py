@@ -111,22 +111,21 @@ def load_images(
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(NAMES)}")
     cache = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
-    use_cache = idx_dir is None and not refresh
-    if use_cache and _cached(cache):
+    if idx_dir is not None:
+        # The caller chose these files, so a bad one is an error, never a reason to look elsewhere.
+        fix = f"Fix: pass a directory holding the {name} files {_idx_wanted()}"
+        arrays = read_idx_dir(Path(idx_dir), name, fix)
+        images = Images(name, arrays["train"], arrays["test"], f"IDX files in {idx_dir}")
+        write_cache(cache, images)
+        return images
+    if not refresh and _cached(cache):
         return _from_cache(cache, name)
     # One writer per cache: on a cluster each node fills its own, and the trials starting
     # at once on a node would all load and write it. The others wait, then read it.
     with _cache_lock(cache):
-        if use_cache and _cached(cache):  # filled while this one waited
+        if not refresh and _cached(cache):  # filled while this one waited
             return _from_cache(cache, name)
-        if idx_dir is not None:
-            # The caller chose these files: a bad one is an error, never a reason to look
-            # elsewhere.
-            fix = f"Fix: pass a directory holding the {name} files {_idx_wanted()}"
-            arrays = read_idx_dir(Path(idx_dir), name, fix)
-            images = Images(name, arrays["train"], arrays["test"], f"IDX files in {idx_dir}")
-        else:
-            images = _load_from_elsewhere(name, cache, refresh)
+        images = _load_from_elsewhere(name, cache, refresh)
         write_cache(cache, images)
     return images
 
