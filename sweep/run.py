@@ -615,7 +615,8 @@ def optuna_search(c: SweepConfig):
                                max_params=max_params,
                                points_to_evaluate=(start_points(max_params)
                                                    if c.warm_start else None),
-                               study_name=c.name, storage=study.open_storage(study.url_of(c)))
+                               study_name=c.name, storage=study.open_storage(study.url_of(c)),
+                               own_file=not c.study_storage)
     scheduler = None  # FIFO: every trial runs all its epochs
     if c.early_stop:
         # A rung whose trials all ended in error or divergence holds only NaN: ASHA's
@@ -788,10 +789,12 @@ def sweep_under_lock(c: SweepConfig) -> int:
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
     resuming = tune.Tuner.can_restore(experiment)
+    # Long runs search nothing: no study. First: a study that cannot be resumed (locked,
+    # damaged, another sweep's) is refused before anything in the experiment changes.
+    study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
     if resuming:
         set_aside_lost_trials(experiment)
-    # Long runs search nothing: no study.
-    study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
+        storage.relocate_search_state(experiment)  # a moved experiment's new trials
     fill_data_cache()
     start_ray(c)
     signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own

@@ -220,3 +220,26 @@ def sibling(location: str, name: str) -> str:
     parts = urlsplit(location)
     return urlunsplit(parts._replace(path=posixpath.join(posixpath.dirname(parts.path),
                                                          name)))
+
+
+def relocate_search_state(experiment: str) -> None:
+    """Point Tune's pickled search state at where the experiment is now.
+
+    Tune's search generator pickles its Experiment with each snapshot, and with it the
+    storage the experiment had when it began. A resumed Tune re-points its restored trials
+    at the new place but not that Experiment (Ray 2.60), so a trial it starts after a move
+    writes to the old place and fails ("Unable to set up cluster storage"). Rewritten
+    whole (write_bytes), only where the place differs."""
+    import ray.cloudpickle as cloudpickle
+
+    fs, path = filesystem(experiment)
+    parent, name = posixpath.split(path.rstrip("/"))
+    for snapshot in names(experiment, "search_gen_state-*.json"):
+        location = join(experiment, snapshot)
+        state = cloudpickle.loads(read_bytes(location))
+        stored = state["experiment"].storage
+        if (stored.storage_fs_path, stored.experiment_dir_name) == (parent, name):
+            continue
+        stored.storage_filesystem, stored.storage_fs_path = fs, parent
+        stored.experiment_dir_name = name
+        write_bytes(location, cloudpickle.dumps(state))

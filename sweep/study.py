@@ -6,16 +6,22 @@ By default an SQLite file in the experiment directory (it moves with the experim
 e.g. where the experiment directory is on NFS, which SQLite's locking does not trust.
 The study is named after the experiment (`--name`).
 
-Tune pickles the searcher, study handle included, with each experiment snapshot and gives
-it back on a resume. After a killed driver that snapshot lags the storage, which Optuna
-writes at once; `StudySearch.restore` reconciles the two, so that the stored study stays
-true: no trial stays RUNNING forever, none is told twice.
+Tune pickles the searcher with each experiment snapshot and gives it back on a resume;
+it pickles the study's trials, not a handle on its storage (sweep/study_search.py). So an
+experiment is a whole that can be moved, copied or resumed from another machine: the
+default study file is found in the experiment wherever it is now, and where it is missing
+(object storage resumed from a driver with an empty cache) the study is rebuilt from the
+snapshot. A `--study-storage` URL is never rewritten. After a killed driver the snapshot
+lags the storage, which Optuna writes at once; `StudySearch.restore` reconciles the two,
+so that the stored study stays true: no trial stays RUNNING forever, none is told twice.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import shlex
+import sqlite3
 import time
 from pathlib import Path
 
@@ -29,6 +35,13 @@ OVER_BUDGET = "over budget: not run"
 # predictions are clamped to [0, 1], as the targets are), so that the sampler ranks the
 # point below every trial that trained. FAIL, which TPE ignores, never taught it that.
 DIVERGED_VAL_MSE = 1.0
+LOCK_WAIT_S = 10  # how long a resume waits for another process's write lock on the file
+SNAPSHOTS = "searcher-state-*.pkl"  # Tune's snapshots of the searcher, in the experiment
+
+# The experiment's own study file, where this driver found it (set by `prepare`): a
+# searcher that Tune unpickles names the place it had when it was pickled, which a moved
+# experiment, or one resumed from object storage on another machine, no longer has.
+_own_file_url: str | None = None
 
 
 def __getattr__(name: str):
@@ -151,6 +164,129 @@ def close_study(url: str, name: str) -> None:
         storage.engine.dispose()
 
 
+def located(url: str, own_file: bool) -> str:
+    """Where a searcher pickled with `url` finds its study now: the experiment's own file
+    where this driver found it; a --study-storage URL as it is."""
+    return _own_file_url if own_file and _own_file_url else url
+
+
+def directions_of(modes: str | list[str]) -> list[str]:
+    modes = modes if isinstance(modes, list) else [modes]
+    return ["minimize" if m == "min" else "maximize" for m in modes]
+
+
+def open_study(url: str, name: str, directions: list[str], sampler,
+               snapshot: list[optuna.trial.FrozenTrial]) -> optuna.Study:
+    """The study `name` at `url`; where that storage lacks it (object storage resumed from
+    a driver with an empty cache, a study file moved aside), made again from the trials of
+    the experiment's last snapshot, numbers and all. A StudyError if the stored study is
+    not the one the snapshot knows."""
+    storage = open_storage(url)
+    pruner = optuna.pruners.NopPruner()  # ASHA stops trials, as Ray's OptunaSearch has it
+    try:
+        found = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
+                                  pruner=pruner)
+    except KeyError:  # no such study here
+        found = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                    pruner=pruner, directions=directions)
+        for trial in snapshot:
+            found.add_trial(trial)
+        print(f"study: {name!r} rebuilt in {shown(url)} from the experiment's last "
+              f"snapshot ({len(snapshot)} trials)")
+        return found
+    check_same_study(url, name, found, snapshot)
+    return found
+
+
+def check_same_study(url: str, name: str, found: optuna.Study,
+                     snapshot: list[optuna.trial.FrozenTrial]) -> None:
+    """The stored study may be ahead of the snapshot (Optuna writes at once, Tune
+    snapshots every 2 s), never different: each trial the snapshot knows begun is there
+    under its number, begun at the same instant with the same parameters."""
+    stored = {t.number: t for t in found.get_trials(deepcopy=False)}
+    for trial in snapshot:
+        if trial.datetime_start is None:  # queued (the start point), not yet asked for
+            continue
+        mine = stored.get(trial.number)
+        if mine is None or (mine.datetime_start, mine.params) != (trial.datetime_start,
+                                                                    trial.params):
+            raise StudyError(f"{where(url)} holds a study named {name!r} that is not this "
+                             f"experiment's (its trial {trial.number} differs from the "
+                             f"experiment's last snapshot); {rebuild_fix(url, name)}")
+
+
+def where(url: str) -> str:
+    """The study's storage as a message names it: the file, or the --study-storage URL."""
+    if url == _own_file_url:
+        return url.removeprefix("sqlite:///")
+    return f"--study-storage {shown(url)}"
+
+
+def rebuild_fix(url: str, name: str) -> str:
+    """How to get a study rebuilt from the experiment: move the file aside (kept), or
+    delete the study from a shared database."""
+    if url == _own_file_url:
+        file = url.removeprefix("sqlite:///")
+        return (f"move it aside (mv {shlex.quote(file)} {shlex.quote(file)}.old) and run "
+                "the same command: the study is rebuilt from the experiment")
+    return (f"give the URL this sweep began with, or delete that study (optuna delete-study "
+            f"--study-name {name} --storage {shlex.quote(shown(url))}) and run the same "
+            "command: it is rebuilt from the experiment")
+
+
+def check_sqlite_file(url: str, name: str) -> None:
+    """An SQLite study file that another process holds a write lock on (sqlite3 would
+    give up after 5 s in the middle of the sweep), or that is not a database: a
+    StudyError naming the file and the fix, the file untouched."""
+    if not url.startswith("sqlite:///"):
+        return
+    file = Path(url.removeprefix("sqlite:///"))
+    if not file.exists():
+        return
+    db = sqlite3.connect(f"file:{file}?mode=rw", uri=True, timeout=LOCK_WAIT_S)
+    try:
+        db.execute("PRAGMA schema_version")  # reads the header: a damaged file fails here
+        db.execute("BEGIN IMMEDIATE")  # the write lock Optuna will need
+        db.rollback()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e):
+            raise StudyError(f"{where(url)}: cannot open it ({e})") from None
+        raise StudyError(f"{where(url)}: another process holds a write lock on the study "
+                         f"(waited {LOCK_WAIT_S} s); stop it (fuser {shlex.quote(str(file))}"
+                         " names it) and run the same command again") from None
+    except sqlite3.DatabaseError as e:
+        raise StudyError(f"{where(url)}: damaged, not an SQLite database ({e}); "
+                         f"{rebuild_fix(url, name)}") from None
+    finally:
+        db.close()
+
+
+def last_snapshot(experiment_uri: str) -> dict | None:
+    """The searcher's state in the experiment's newest snapshot (Tune names them by the
+    session's start time); None before the first one, or for a snapshot pickled before
+    the study's trials were in it."""
+    from sweep import storage
+
+    names = storage.names(experiment_uri, SNAPSHOTS)
+    if not names:
+        return None
+    state = pickle.loads(storage.read_bytes(storage.join(experiment_uri, names[-1])))
+    return state if isinstance(state, dict) and "_study_trials" in state else None
+
+
+def resume(c, url: str) -> None:
+    """Before Ray starts, on a resume: the study's file usable (not locked, not damaged),
+    the stored study the experiment's own, or rebuilt from the experiment's last snapshot
+    where the storage lacks it."""
+    check_sqlite_file(url, c.name)
+    snapshot = last_snapshot(c.experiment_uri)
+    if snapshot is None:  # killed before its first snapshot: made on first use
+        open_storage(url).engine.dispose()
+        return
+    open_study(url, snapshot["_study_name"], directions_of(snapshot["_mode"]), None,
+               snapshot["_study_trials"])
+
+
 def url_of(c) -> str:
     """The study's storage URL for a sweep's config (run.py's SweepConfig)."""
     return c.study_storage or default_url(c.experiment)
@@ -161,7 +297,9 @@ def prepare(c, new: bool) -> str:
     and for a new sweep make room for its study; returns the URL. The default file is the
     experiment's own: one left by an earlier sweep (object storage keeps the experiment
     elsewhere, so --fresh moves only that) is moved aside, as --fresh moves experiments."""
+    global _own_file_url
     url = url_of(c)
+    _own_file_url = None if c.study_storage else url
     if new and not c.study_storage:
         file = Path(url.removeprefix("sqlite:///"))
         try:
@@ -173,5 +311,5 @@ def prepare(c, new: bool) -> str:
     elif new:
         check_new_study(url, c.name)
     else:
-        open_storage(url).engine.dispose()
+        resume(c, url)
     return url

@@ -16,6 +16,7 @@ from ray import tune
 from tensorboardX import SummaryWriter
 
 from data.mixture import Sources, load_sources
+from data.sources import DataError
 from model.unet import ConfigError, params_of
 from sweep import storage
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
@@ -62,7 +63,8 @@ def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, Path | None, s
 def sources_on(device: torch.device) -> Sources:
     """The images, loaded once per worker process: Tune reuses a worker for the next trial
     (reuse_actors in run.py), which then starts without reading and verifying them again.
-    The driver filled and verified the cache before any trial started."""
+    Each node reads its own data cache: the driver filled and verified its own before any
+    trial started; on another node the first trial fills it, once (sources.py locks it)."""
     return load_sources(device)
 
 
@@ -73,9 +75,10 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def tune_trial(config: dict, experiment: str) -> None:
-    """A trial under Tune. A config that cannot be built or a model that does not fit in
-    memory fails the same way on every attempt: it ends with status "error" and the reason,
-    instead of being retried (Tune retries a dead worker, FailureConfig in run.py)."""
+    """A trial under Tune. A config that cannot be built, a model that does not fit in
+    memory or images this node cannot get (its data cache, sources.py) fail the same way on
+    every attempt: the trial ends with status "error" and the reason in one line, instead
+    of being retried (Tune retries a dead worker, FailureConfig in run.py)."""
     # Torch threads = the CPUs Ray gave this trial: more would oversubscribe the cores.
     given = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, math.floor(given.get("CPU", 1))))
@@ -84,6 +87,8 @@ def tune_trial(config: dict, experiment: str) -> None:
             tune.get_context().get_trial_id())), gpus_given=given.get("GPU", 0))
     except ConfigError as e:
         end_with_error(f"config cannot be built: {e}")
+    except DataError as e:  # this node cannot get the images: no retry would
+        end_with_error(f"no data on this node: {' '.join(str(e).split())}")
     except Exception as e:
         if not out_of_memory(e):
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import os
@@ -10,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +270,35 @@ def test_fetch_runs_as_a_script_from_a_checkout(first, cache_root: Path, tmp_pat
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "data from the copy", result.stdout
     assert len(result.stdout.splitlines()) == 3
+
+
+def lock_waiters(lock: Path) -> int:
+    """Processes blocked on `lock` (flock), from the kernel's table: '->' marks a waiter."""
+    inode = f":{os.stat(lock).st_ino} "
+    return sum("->" in line and inode in line for line in Path("/proc/locks").read_text()
+               .splitlines())
+
+
+def test_loaders_starting_at_once_fill_an_empty_cache_once(tmp_path):
+    """Two trials starting at once on a node whose cache is empty: the race is forced by
+    holding the cache's lock here until both loaders wait on it. Once it is let go, one
+    fills the cache, the other reads it. Without the lock both loaded from the package
+    and wrote the same files."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / ".mnist.lock"
+    code = ("import sys; from data.sources import load_mnist; print('start', flush=True); "
+            "print(load_mnist(cache_dir=sys.argv[1]).source)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        loaders = [subprocess.Popen([sys.executable, "-c", code, str(cache)], env=env,
+                                    stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while lock_waiters(lock) < 2 and all(p.poll() is None for p in loaders):
+            assert time.monotonic() < deadline, "the loaders never waited on the lock"
+            time.sleep(0.05)
+    sources = [p.communicate(timeout=120)[0].splitlines()[-1] for p in loaders]
+    assert all(p.returncode == 0 for p in loaders)
+    assert sorted(s.startswith("cache ") for s in sources) == [False, True], sources
+    assert load_mnist(cache_dir=cache).source == f"cache {cache / 'mnist'}"

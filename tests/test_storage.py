@@ -6,6 +6,7 @@ alone; a wrong endpoint, a missing bucket and bad credentials refused before any
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from test_faults import Driver
+from test_study import check_study_matches_report
 from test_sweep import sweep_args
 
-from sweep import evaluate, run, storage
+from sweep import evaluate, run, storage, study
 from sweep import report as report_cli
 from sweep.checkpoint import load_checkpoint
 
@@ -110,11 +112,15 @@ def test_bad_object_storage_is_refused_in_one_line_before_any_trial(s3, tmp_path
     assert not (tmp_path / "report.csv").exists()
 
 
-def test_sweep_on_s3_killed_then_finished_and_reported_from_the_bucket(s3, tmp_path):
+def test_sweep_on_s3_killed_then_finished_and_reported_from_the_bucket(s3, tmp_path,
+                                                                      data_cache, monkeypatch):
     """The driver is SIGKILLed the instant the first trial ends (the others mid-way); the
-    same command finishes the sweep from the bucket: every trial once, no epoch trained
-    twice. report.py rebuilds the report from the bucket alone, evaluate.py scores a
-    checkpoint there. On local disk: only the driver's lock and the checkpoint copies."""
+    same command, from a driver whose cache is empty (another machine: its own data, no
+    copy of the study), finishes the sweep from the bucket: every trial once, no epoch
+    trained twice, the study rebuilt from the experiment's snapshot and true. report.py
+    rebuilds the report from the bucket alone, evaluate.py scores a checkpoint there. On
+    local disk: only the driver's lock, the study and the checkpoint copies. Before, the
+    second driver failed with Optuna's KeyError: 'Record does not exist.'"""
     uri = f"s3://{BUCKET}/runs"
     experiment, trials = f"{uri}/sweep", 3
     argv = [*sweep_args(tmp_path, "--trials", str(trials), "--no-early-stop",
@@ -129,9 +135,15 @@ def test_sweep_on_s3_killed_then_finished_and_reported_from_the_bucket(s3, tmp_p
     assert any(storage.names(f"{experiment}/trial_{t}", "checkpoint_*") for t in before)
     assert sum(bool(r) and r[-1]["status"] == "finished" for r in before.values()) < trials
 
+    first_study = storage.local_dir(experiment) / study.STUDY_FILE
+    other_machine = tmp_path / "other-machine-cache"
+    for name in ("mnist", "fashion-mnist"):  # its own data, and nothing else
+        shutil.copytree(data_cache / name, other_machine / name)
+    monkeypatch.setenv("UNET_SWEEP_CACHE", str(other_machine))
     driver = Driver(argv)
     assert driver.wait() == 0, driver.output[-3000:]
     assert f"resuming the sweep in {experiment}" in driver.output
+    assert "study: 'sweep' rebuilt in sqlite:///" in driver.output
     df = pd.read_csv(tmp_path / "report.csv")
     after = bucket_results(experiment)
     assert len(df) == trials and sorted(df["trial_id"]) == sorted(after), df
@@ -145,6 +157,12 @@ def test_sweep_on_s3_killed_then_finished_and_reported_from_the_bucket(s3, tmp_p
     for row in df.itertuples():  # the report names checkpoints in the bucket
         assert row.checkpoint.startswith(f"{experiment}/trial_{row.trial_id}/checkpoint_")
         assert storage.exists(row.checkpoint)
+
+    url = study.default_url(storage.local_dir(experiment))
+    assert url == f"sqlite:///{other_machine}/experiments/s3/{BUCKET}/runs/sweep/" \
+                  f"{study.STUDY_FILE}"
+    check_study_matches_report(url, df)
+    assert first_study.exists()  # the first machine's copy, untouched
 
     rebuilt = tmp_path / "rebuilt.csv"
     assert report_cli.main([experiment, "--out", str(rebuilt)]) == 0

@@ -73,11 +73,11 @@ def check_study_matches_report(url: str, report: pd.DataFrame) -> None:
 
 # --- resume: the snapshot lags the storage -------------------------------------------------
 
-def new_search(url: str) -> study.StudySearch:
+def new_search(url: str, own_file: bool = False) -> study.StudySearch:
     define_by_run = functools.partial(space, constants={})  # as run.py's
     return study.StudySearch(define_by_run, metric="val_mse", mode="min", study_name="sweep",
                              max_params=20_000,
-                             storage=study.open_storage(url),
+                             storage=study.open_storage(url), own_file=own_file,
                              sampler=optuna.samplers.RandomSampler(seed=0))
 
 
@@ -119,6 +119,58 @@ def test_a_resume_from_a_lagging_snapshot_leaves_no_trial_running_and_tells_none
     assert trials["d"].state == TrialState.COMPLETE
     assert trials["d"].value == study.DIVERGED_VAL_MSE
     assert trials["d"].user_attrs["status"] == "diverged"
+
+
+def test_a_snapshot_carries_its_study_to_wherever_the_experiment_is_now(tmp_path,
+                                                                         monkeypatch):
+    """The searcher Tune pickles names the experiment's own study file where it was; the
+    experiment then moved, and the file is missing at the new place (object storage
+    resumed from a driver with an empty cache). The resumed searcher rebuilds the study
+    there from the snapshot's trials, numbers and all, and goes on; the old file is not
+    touched. Before, it wrote to the old path (or failed: unable to open database file)."""
+    was = f"sqlite:///{tmp_path / 'was' / study.STUDY_FILE}"
+    search = new_search(was, own_file=True)
+    at_start = pickle.dumps(search)
+    for trial_id in ("a", "b"):
+        search.suggest(trial_id)
+        search.on_trial_result(trial_id, {"val_mse": 0.5, "training_iteration": 1})
+    search.on_trial_complete("a", {"val_mse": 0.5, "status": "finished"})
+    search.save(str(tmp_path / "snapshot.pkl"))
+    snapshotted = [(t.number, t.state, t.params, t.user_attrs, t.intermediate_values)
+                   for t in stored_trials(was)]
+    search.suggest("c")  # after the snapshot, in the old place only
+
+    now = f"sqlite:///{tmp_path / 'now' / study.STUDY_FILE}"
+    monkeypatch.setattr(study, "_own_file_url", now)  # what run.py's prepare finds
+    resumed = pickle.loads(at_start)
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    assert [(t.number, t.state, t.params, t.user_attrs, t.intermediate_values)
+            for t in stored_trials(now)] == snapshotted
+    resumed.on_trial_result("b", {"val_mse": 0.25, "training_iteration": 2})
+    resumed.on_trial_complete("b", {"val_mse": 0.25, "status": "finished"})
+    resumed.suggest("d")
+    trials = stored_trials(now)
+    assert [(t.user_attrs["trial_id"], t.state) for t in trials] == [
+        ("a", TrialState.COMPLETE), ("b", TrialState.COMPLETE), ("d", TrialState.RUNNING)]
+    assert trials[1].intermediate_values == {1: 0.5, 2: 0.25}
+    assert [t.state for t in stored_trials(was)] == [  # the old place as it was left
+        TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING]
+
+
+def test_a_study_storage_url_is_kept_as_given_on_a_resume(tmp_path, monkeypatch):
+    """--study-storage names a database a cluster shares: the resumed searcher goes on
+    there, never at the experiment's own file."""
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    search = new_search(shared)
+    search.suggest("a")
+    search.save(str(tmp_path / "snapshot.pkl"))
+    own_file = tmp_path / "experiment" / study.STUDY_FILE
+    monkeypatch.setattr(study, "_own_file_url", f"sqlite:///{own_file}")
+    resumed = pickle.loads(pickle.dumps(search))
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    resumed.on_trial_complete("a", {"val_mse": 0.5, "status": "finished"})
+    assert [t.state for t in stored_trials(shared)] == [TrialState.COMPLETE]
+    assert not (tmp_path / "experiment").exists()
 
 
 def test_outcome_of_each_way_a_trial_ends():

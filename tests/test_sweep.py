@@ -15,6 +15,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from data.sources import load_mnist
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep import long_runs, run
 from sweep import report as report_cli
@@ -380,6 +381,43 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys):
     df = pd.read_csv(tmp_path / "report.csv")
     assert len(df) == 4
     assert df["node"].nunique() == 2
+
+
+def test_each_node_fills_its_own_data_cache_and_a_node_without_data_fails_for_good(
+        tmp_path, capsys):
+    """A two-node cluster whose second node has a data cache of its own, empty: the
+    driver fills only its own, and the trial there fills that node's (once: sources.py
+    locks it, tests/test_data.py forces the race) and finishes. With that cache damaged,
+    the trial there ends at once as error, the reason in one line in the report, not
+    retried. Before, Tune retried a DataError that cannot succeed, twice."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    other_cache = tmp_path / "second-node-cache"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1, env_vars={"UNET_SWEEP_CACHE": str(other_cache)})
+    cluster.wait_for_nodes()
+    try:
+        # Two trials at once, one on each node (one CPU each).
+        argv = sweep_args(tmp_path, "--address", cluster.address, "--trials", "2",
+                          "--max-epochs", "1", "--no-early-stop")
+        assert run.main(argv) == 0
+        df = pd.read_csv(tmp_path / "report.csv")
+        assert (df["status"] == "finished").all() and df["node"].nunique() == 2, df
+        assert load_mnist(cache_dir=other_cache).source == f"cache {other_cache / 'mnist'}"
+        (other_cache / "mnist" / "train.npy").write_bytes(b"damaged")
+        capsys.readouterr()
+        assert run.main([*argv, "--name", "damaged"]) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    out = capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "report.csv")
+    assert sorted(df["status"]) == ["error", "finished"], df
+    error = df.loc[df["status"] == "error", "error"].item()
+    assert error.startswith("no data on this node: ") and "\n" not in error, error
+    assert f"{other_cache / 'mnist' / 'train.npy'}: unreadable cache file" in error
+    assert "retry" not in out, out
 
 
 def test_sigkill_of_the_driver_then_the_same_command_resumes(tmp_path):
