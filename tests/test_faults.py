@@ -23,9 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.image
+import optuna
 import pandas as pd
 import pytest
 import torch
+from optuna.trial import TrialState
 from test_study import check_study_matches_report, stored_trials
 from test_sweep import REPO, results, sweep_args
 
@@ -34,6 +36,7 @@ from sweep import report as report_cli
 from sweep import run, trainable
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import FastPath, choose_fast_path
+from sweep.experiment import tell_study
 from sweep.files import atomic_write
 from sweep.report import COLUMNS, METRICS, build_report
 from sweep.space import SMALLEST
@@ -307,7 +310,8 @@ def test_a_trial_that_ended_after_the_last_snapshot_is_kept_and_never_trained_ag
     for byte, no trial trained in its place, the study as the report. A trial directory
     unknown to the snapshot that never finished (planted: a real checkpoint after the
     first of two epochs) goes to lost/, whole. Before, the finished trial went to lost/
-    too and another was trained in its place."""
+    too and another was trained in its place. Then each snapshot file in turn is cut
+    short: the same command refuses in one line and changes nothing."""
     experiment, report, trials = tmp_path / "runs" / "sweep", tmp_path / "report.csv", 3
     argv = sweep_args(tmp_path, "--trials", str(trials), "--max-epochs", "1",
                       "--test-pairs", "0", "--cpus", "2")
@@ -350,6 +354,44 @@ def test_a_trial_that_ended_after_the_last_snapshot_is_kept_and_never_trained_ag
     check_study_matches_report(url, df)
     assert len(stored_trials(url)) == trials  # none asked for in the finished one's place
 
+    # A snapshot file cut short (a driver killed while Tune copied it into the experiment):
+    # one line naming it and the fix, exit 2, nothing changed. Ray Tune's traceback before.
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json"):
+        newest = max(experiment.glob(pattern))
+        whole = newest.read_bytes()
+        newest.write_bytes(whole[: len(whole) // 2])
+        before = files_of(experiment)
+        driver = Driver(argv)
+        assert driver.wait() == 2, driver.output[-3000:]
+        session = newest.name.split("-", 1)[1].removesuffix(".json")
+        assert driver.lines[-1].startswith(f"error: {newest} is cut short or damaged ("), \
+            driver.output[-3000:]
+        assert driver.lines[-1].endswith(
+            f"the sweep cannot resume from it. Move that snapshot's files (*-{session}.*) out "
+            f"of {experiment} to resume from the one before, or start over with --fresh")
+        assert "Traceback" not in driver.output, driver.output[-3000:]
+        assert files_of(experiment) == before
+        newest.write_bytes(whole)
+
+
+def test_an_adopted_trial_the_killed_driver_never_told_is_told_as_it_ended(tmp_path):
+    """The kill can fall between a trial's last checkpoint and its end reaching the driver:
+    the trial is adopted from disk, and its Optuna trial, still RUNNING, is told as the
+    searcher would have told it (else the resumed searcher, which does not know it, marks
+    it FAIL as lost); one told already stays as it is."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    stored = optuna.create_study(study_name="sweep", storage=url)
+    untold, told = stored.ask(), stored.ask()
+    untold.set_user_attr("trial_id", "a")
+    told.set_user_attr("trial_id", "b")
+    stored.tell(told, 0.5)
+    tell_study(url, "sweep", "val_mse", {"a": {"status": "finished", "val_mse": 0.25},
+                                         "b": {"status": "finished", "val_mse": 0.75}})
+    a, b = stored_trials(url)
+    assert (a.state, a.values, a.user_attrs["status"]) == (TrialState.COMPLETE, [0.25],
+                                                            "finished")
+    assert (b.state, b.values) == (TrialState.COMPLETE, [0.5])
+
 
 def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes_on(
         tmp_path):
@@ -391,10 +433,13 @@ def test_ctrl_c_at_start_up_between_and_within_trials_then_the_same_command_goes
     ended = finished()
     assert len(ended) == 1, driver.output[-3000:]
 
-    # 2. Mid-trial: the other trial has reported its first or second of 4 epochs.
+    # 2. Mid-trial: the other trial has saved its first or second of 4 epochs. Its
+    # checkpoint lands in the experiment at once; result.json only with Tune's snapshots,
+    # 2 s apart, by which time the trial may have ended.
     def mid_trial() -> str | None:
-        for trial, rows in results(experiment).items():
-            if trial not in ended and rows and rows[-1]["epoch"] <= 2:
+        for trial_dir in experiment.glob("trial_*"):
+            trial = trial_dir.name.removeprefix("trial_")
+            if trial not in ended and 1 <= newest_epoch_on_disk(trial_dir) <= 2:
                 return trial
         return None
 
