@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 from data.sources import DataError, load_fashion_mnist, load_mnist
 from model.unet import params_of
 from sweep import long_runs, signals, storage, study
+from sweep.experiment import StateError, reconcile, tell_study
 from sweep.space import BATCH_SIZES, SMALLEST, space, start_points
 
 OBJECTIVES = ("mse", "pareto")
@@ -422,30 +423,6 @@ def move_aside(experiment: str, name: str) -> str:
     return aside
 
 
-LOST_DIR = "lost"  # in the experiment: trial directories a resumed sweep does not know
-
-
-def set_aside_lost_trials(experiment: str) -> list[str]:
-    """Move aside the trial directories the experiment's last snapshot does not know.
-
-    A driver killed within a snapshot period (2 s) of starting a trial leaves that trial's
-    directory without a record in the snapshot: the resumed Tune never continues it (its
-    Optuna trial is marked FAIL, sweep/study_search.py) and starts another in its place.
-    Kept under lost/, not deleted, and out of the way of the trials the report lists."""
-    from sweep.report import load_trials
-
-    if not storage.names(experiment, "experiment_state*.json"):  # killed before any snapshot
-        return []
-    known = {f"trial_{trial.trial_id}" for trial in load_trials(experiment)}
-    lost = [name for name in storage.names(experiment, "trial_*") if name not in known]
-    for name in lost:
-        to = storage.join(experiment, LOST_DIR, name)
-        storage.move(storage.join(experiment, name), to)
-        print(f"{name} started after the driver's last snapshot, then the driver was "
-              f"killed; the resumed sweep does not know it: moved to {to}")
-    return lost
-
-
 # --- Ray -----------------------------------------------------------------------------------
 
 def start_ray(c: SweepConfig) -> None:
@@ -585,6 +562,13 @@ def new_tuner(c: SweepConfig, trainable):
                       param_space=param_space)
 
 
+def objective(c: SweepConfig) -> dict:
+    """The searcher's metric and mode for --objective."""
+    if c.objective == "pareto":
+        return dict(metric=["val_mse", "params"], mode=["min", "min"])
+    return dict(metric="val_mse", mode="min")
+
+
 def optuna_search(c: SweepConfig):
     """Optuna's search over the space, its study in real storage; ASHA (or FIFO); the
     space is Optuna's (define-by-run), so Tune's param_space is empty."""
@@ -607,11 +591,9 @@ def optuna_search(c: SweepConfig):
         sampler = optuna.samplers.TPESampler(seed=c.seed, multivariate=True, constant_liar=True,
                                              n_startup_trials=max(2, min(5, c.trials // 4)))
     # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
-    # concurrency limit Tune wraps the searcher and would not pass them on.
-    objective = (dict(metric=["val_mse", "params"], mode=["min", "min"])
-                 if c.objective == "pareto" else dict(metric="val_mse", mode="min"))
-    # The study in real storage, named after the experiment, for optuna-dashboard.
-    search = study.StudySearch(define_by_run, sampler=sampler, **objective,
+    # concurrency limit Tune wraps the searcher and would not pass them on. The study is
+    # in real storage, named after the experiment, for optuna-dashboard.
+    search = study.StudySearch(define_by_run, sampler=sampler, **objective(c),
                                max_params=max_params,
                                points_to_evaluate=(start_points(max_params)
                                                    if c.warm_start else None),
@@ -793,8 +775,12 @@ def sweep_under_lock(c: SweepConfig) -> int:
     # damaged, another sweep's) is refused before anything in the experiment changes.
     study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
     if resuming:
-        set_aside_lost_trials(experiment)
-        storage.relocate_search_state(experiment)  # a moved experiment's new trials
+        # Trials a killed driver's last snapshot does not know: kept if they ended, else
+        # aside; then Tune's search state pointed at where the experiment is now.
+        ended_unknown = reconcile(experiment).adopted
+        storage.relocate_search_state(experiment)
+        if study_url and ended_unknown:
+            tell_study(study_url, c.name, objective(c)["metric"], ended_unknown)
     fill_data_cache()
     start_ray(c)
     signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own
@@ -854,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         return sweep(config)
-    except (UsageError, DataError, study.StudyError, long_runs.SourceError) as e:
+    except (UsageError, DataError, study.StudyError, long_runs.SourceError, StateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside Tune's graceful stop: start-up, or a second Ctrl-C

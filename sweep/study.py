@@ -270,7 +270,15 @@ def last_snapshot(experiment_uri: str) -> dict | None:
     names = storage.names(experiment_uri, SNAPSHOTS)
     if not names:
         return None
-    state = pickle.loads(storage.read_bytes(storage.join(experiment_uri, names[-1])))
+    location = storage.join(experiment_uri, names[-1])
+    try:
+        state = pickle.loads(storage.read_bytes(location))
+    except Exception as e:  # noqa: BLE001 - pickle's errors, and the classes' own
+        session = names[-1].split("-", 2)[-1].rsplit(".", 1)[0]
+        raise StudyError(f"{location} is cut short or damaged ({type(e).__name__}); the "
+                         f"sweep cannot resume from it. Move that snapshot's files "
+                         f"(*-{session}.*) out of {experiment_uri} to resume from the one "
+                         "before, or start over with --fresh") from None
     return state if isinstance(state, dict) and "_study_trials" in state else None
 
 

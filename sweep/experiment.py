@@ -1,0 +1,160 @@
+"""The experiment on disk, reconciled with Ray Tune's last snapshot of it before a resume.
+
+Tune snapshots the experiment every 2 s (run.py): every trial's state in
+experiment_state-<session>.json, the search generator's count of the trials it made in
+search_gen_state-<session>.json. Trials write their checkpoints straight into the
+experiment, at once. So a driver killed between two snapshots can leave trial directories
+the last snapshot does not know: Tune would never look at them, and the search generator,
+its count restored from the snapshot, would make new trials in their place.
+
+The disk is the truth for what ended (trainable.newest_good_checkpoint treats it so for
+every trial). Before Tune restores the experiment, each trial directory the snapshot does
+not know is either
+- adopted, if its newest checkpoint ended the trial (finished or diverged): added to the
+  snapshot as an ended (TERMINATED) trial, its config and last result from that
+  checkpoint, and counted by the search generator, so that it is reported once and never
+  trained again, and no trial is made in its place; or
+- moved to lost/ in the experiment, whole, if it never ended: the resumed sweep makes
+  another trial in its place (its Optuna trial is marked FAIL, sweep/study_search.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from sweep import storage
+
+LOST_DIR = "lost"  # in the experiment: trial directories a resumed sweep does not know
+ENDED = ("finished", "diverged")  # a trial's own status once its last checkpoint is saved
+STATE_FILES = "experiment_state-*.json"  # Tune's snapshots of the trials, one per driver
+COUNT_FILES = "search_gen_state-*.json"  # the search generator's, beside each (a pickle)
+
+
+class StateError(Exception):
+    """A snapshot file Tune cannot read: one line naming it and the fix; exit code 2."""
+
+
+@dataclass
+class Reconciled:
+    adopted: dict[str, dict] = field(default_factory=dict)  # trial id -> its last result
+    lost: list[str] = field(default_factory=list)  # trial directories moved to lost/
+
+
+def reconcile(experiment: str) -> Reconciled:
+    """Adopt the trials that ended after the last snapshot, set aside those that never
+    ended, and make the search generator's count match the trials the snapshot holds.
+    Each step can be cut short by a kill: the same command finishes it."""
+    from ray import cloudpickle  # Tune's pickler for the generator's file
+
+    found = Reconciled()
+    states = storage.names(experiment, STATE_FILES)
+    if not states:  # killed before Tune's first snapshot: nothing to restore from
+        return found
+    state_file = storage.join(experiment, states[-1])  # the newest, as Tune picks it
+    snapshot = read_snapshot(experiment, state_file, json.loads)
+    known = {json.loads(trial)["trial_id"] for trial, _ in snapshot["trial_data"]}
+    counted = [storage.join(experiment, n) for n in storage.names(experiment, COUNT_FILES)]
+    # Long runs have no search generator: Tune makes all their trials at its first step.
+    count = read_snapshot(experiment, counted[-1], cloudpickle.loads) if counted else None
+    unknown = [n for n in storage.names(experiment, "trial_*")
+               if n.removeprefix("trial_") not in known]
+    for name in unknown:
+        ended = ended_trial(storage.join(experiment, name))
+        if ended is not None and count is not None and snapshot["trial_data"]:
+            found.adopted[name.removeprefix("trial_")] = ended[1]
+            snapshot["trial_data"].append(adopted_state(snapshot, name, *ended))
+            print(f"{name} ended ({ended[1]['status']}) after the driver's last snapshot, "
+                  "then the driver was killed: kept as it ended, not trained again")
+        else:
+            to = storage.join(experiment, LOST_DIR, name)
+            storage.move(storage.join(experiment, name), to)
+            found.lost.append(name)
+            print(f"{name} started after the driver's last snapshot, then the driver was "
+                  f"killed, and never ended; the resumed sweep does not know it: moved to {to}")
+    if found.adopted:
+        storage.write_bytes(state_file, json.dumps(snapshot).encode())
+    if count is not None and count["counter"] < len(snapshot["trial_data"]):
+        # The generator made each trial the snapshot holds: so many are made already.
+        count["counter"] = len(snapshot["trial_data"])
+        storage.write_bytes(counted[-1], cloudpickle.dumps(count))
+    return found
+
+
+def read_snapshot(experiment: str, location: str, parse):
+    """A snapshot file, parsed; a StateError if it is cut short or damaged (a driver killed
+    while Tune copied it into the experiment), which Tune would end in a traceback."""
+    try:
+        return parse(storage.read_bytes(location))
+    except Exception as e:  # noqa: BLE001 - json's, pickle's and the classes' own errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        # experiment_state-<session>.json: its searcher's and callbacks' files share it.
+        session = location.rsplit("/", 1)[-1].split("-", 1)[1].rsplit(".", 1)[0]
+        raise StateError(
+            f"{location} is cut short or damaged ({type(e).__name__}: {reason}); the sweep "
+            f"cannot resume from it. Move that snapshot's files (*-{session}.*) out of "
+            f"{experiment} to resume from the one before, or start over with --fresh"
+        ) from None
+
+
+def ended_trial(trial_uri: str) -> tuple[dict, dict] | None:
+    """(config, last result) of a trial whose newest checkpoint ended it, else None."""
+    from sweep.trainable import newest_good_checkpoint
+
+    state, path, _ = newest_good_checkpoint(storage.download(trial_uri, "checkpoint_*"))
+    if state is None or state["metrics"].get("status") not in ENDED:
+        return None
+    config = {**state["model_config"], **state["train_config"]}
+    # The file the report names, as trainable.py names it for a trial re-reported from disk.
+    stored = storage.join(trial_uri, path.parent.name, path.name)
+    return config, {**state["metrics"], "checkpoint_file": stored}
+
+
+def adopted_state(snapshot: dict, name: str, config: dict, result: dict) -> list[str]:
+    """A snapshot entry (trial state, run metadata) for an ended trial the snapshot does not
+    know: a trial like the snapshot's first (the trainable, resources, storage, failure
+    and checkpoint settings are the sweep's), with its own id, directory, config and last
+    result, ended."""
+    from ray.tune.experiment import Trial
+
+    template = Trial.from_json_state(snapshot["trial_data"][0][0], stub=True)
+    trial = Trial(template.trainable_name, trial_id=name.removeprefix("trial_"), stub=True,
+                  # the config's fields as the sweep's trials have them (the checkpoint
+                  # keeps every field of the model and training configs)
+                  config={k: config[k] for k in template.config if k in config},
+                  storage=template.storage, experiment_tag=str(len(snapshot["trial_data"]) + 1),
+                  stopping_criterion=template.stopping_criterion,
+                  checkpoint_config=template.run_metadata.checkpoint_manager.checkpoint_config,
+                  trial_dirname_creator=template.trial_dirname_creator,
+                  max_failures=template.max_failures, log_to_file=template.log_to_file)
+    trial.evaluated_params = dict(trial.config)
+    # Resolved as the template's was: Tune computes it again from the trainable's resources.
+    trial.placement_group_factory = template.placement_group_factory
+    trial.relative_logdir = trial.storage.trial_dir_name = name
+    trial.run_metadata.last_result = result
+    trial.status = Trial.TERMINATED
+    trial.stub = False  # saved so: the resumed Tune loads it as one of its trials
+    return list(trial.get_json_state())
+
+
+def tell_study(url: str, name: str, metric: str | list[str], adopted: dict[str, dict]) -> None:
+    """An adopted trial whose end the killed driver never told the study (the kill fell
+    between the trial's last checkpoint and its end reaching the driver) is told now, as
+    the searcher would have told it; one told already stays as it is."""
+    import optuna
+
+    from sweep import study
+
+    store = study.open_storage(url)
+    try:
+        stored = optuna.load_study(study_name=name, storage=store)
+        for trial in stored.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.RUNNING,)):
+            result = adopted.get(trial.user_attrs.get("trial_id"))
+            if result is not None:
+                state, values = study.outcome(result, metric, error=False)
+                stored._storage.set_trial_user_attr(trial._trial_id, "status",
+                                                    result["status"])
+                stored.tell(trial.number, values, state=state)
+    finally:
+        store.engine.dispose()
