@@ -93,7 +93,8 @@ BF16_TOLERANCE = 0.05
 # difference between two straight runs (only where the repeats differ at all).
 NOISE_FACTOR = 2.0
 TIME_BUDGET_S = 8 * 60  # what the check is sized for on one GPU; said when exceeded
-EVAL_LINE = re.compile(r"test_mse: (\S+) ± (\S+) \(std over (\d+) sets of (\d+) pairs; (\d+)s\)")
+EVAL_LINE = re.compile(r"test_mse: (\S+) ± (\S+) \((?:in \w+; )?std over (\d+) sets of (\d+) "
+                       r"pairs; (\d+)s\)")
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .* (\d+) samples/s")
 
 
