@@ -296,7 +296,7 @@ def resume(c, url: str) -> None:
 
 
 def url_of(c) -> str:
-    """The study's storage URL for a sweep's config (run.py's SweepConfig)."""
+    """The study's storage URL for a sweep's config (config.py's SweepConfig)."""
     return c.study_storage or default_url(c.experiment)
 
 
