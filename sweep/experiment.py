@@ -150,16 +150,16 @@ def tell_study(url: str, name: str, metric: str | list[str], adopted: dict[str, 
     the searcher would have told it; one told already stays as it is."""
     import optuna
 
-    from sweep import study
+    from sweep.stored_study import open_storage, outcome
 
-    store = study.open_storage(url)
+    store = open_storage(url)
     try:
         stored = optuna.load_study(study_name=name, storage=store)
         for trial in stored.get_trials(deepcopy=False,
                                        states=(optuna.trial.TrialState.RUNNING,)):
             result = adopted.get(trial.user_attrs.get("trial_id"))
             if result is not None:
-                state, values = study.outcome(result, metric, error=False)
+                state, values = outcome(result, metric, error=False)
                 stored._storage.set_trial_user_attr(trial._trial_id, "status",
                                                     result["status"])
                 stored.tell(trial.number, values, state=state)

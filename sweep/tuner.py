@@ -95,6 +95,8 @@ def optuna_search(c: SweepConfig):
     import optuna
     from ray.tune.schedulers import ASHAScheduler
 
+    from sweep.study_search import StudySearch
+
     constants = {"epochs": c.max_epochs, "samples_per_epoch": c.samples_per_epoch,
                  "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed}
     define_by_run = functools.partial(space, constants=constants)
@@ -113,12 +115,12 @@ def optuna_search(c: SweepConfig):
     # Metric and mode go on the searcher and the scheduler, not on TuneConfig: with the
     # concurrency limit Tune wraps the searcher and would not pass them on. The study is
     # in real storage, named after the experiment, for optuna-dashboard.
-    search = study.StudySearch(define_by_run, sampler=sampler, **objective(c),
-                               max_params=max_params,
-                               points_to_evaluate=(start_points(max_params)
-                                                   if c.warm_start else None),
-                               study_name=c.name, storage=study.open_storage(study.url_of(c)),
-                               own_file=not c.study_storage)
+    search = StudySearch(define_by_run, sampler=sampler, **objective(c),
+                         max_params=max_params,
+                         points_to_evaluate=(start_points(max_params)
+                                             if c.warm_start else None),
+                         study_name=c.name, storage=study.open_storage(study.url_of(c)),
+                         own_file=not c.study_storage)
     scheduler = None  # FIFO: every trial runs all its epochs
     if c.early_stop:
         # A rung whose trials all ended in error or divergence holds only NaN: ASHA's
