@@ -44,45 +44,27 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     return config.parse_args(argv, __doc__)
 
 
-def fill_data_cache() -> None:
-    """Load (and on first use cache) both datasets here, once, with a clear error, before
-    any trial starts; trials then read the verified cache."""
-    for load in (load_mnist, load_fashion_mnist):
-        images = load()
-        print(f"data: {images.name} from {images.source}")
-
-
-def fit_noting_ctrl_c(tuner):
-    """tuner.fit(), and whether a Ctrl-C (SIGINT) ended it. Tune catches the signal itself:
-    it stops the trials, saves the experiment once more, returns, and puts back the
-    handler it found; a fit that ends on its own leaves Tune's handler in place. Telling
-    the two apart matters between trials, where nothing is left running to show it."""
-    # Tune's graceful stop is what makes Ctrl-C resumable; with it off, Ctrl-C would
-    # raise out of fit() with no final snapshot.
-    os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-    before = signal.getsignal(signal.SIGINT)
-    grid = tuner.fit()
-    return grid, signal.getsignal(signal.SIGINT) is before
-
-
 def sweep(c: SweepConfig) -> int:
     with lock_experiment(c.experiment):  # first: a second driver must change nothing
-        return sweep_under_lock(c)
+        study_url = prepare_experiment(c)
+        fill_data_cache()
+        trials, ctrl_c = fit(c, study_url)
+        return report_and_say_what_next(c, trials, ctrl_c, study_url)
 
 
-def sweep_under_lock(c: SweepConfig) -> int:
-    import ray
+def prepare_experiment(c: SweepConfig) -> str | None:
+    """The experiment ready for Tune: moved aside for --fresh, checked against the settings
+    it began with, its study prepared, and on a resume reconciled with the disk. Returns
+    the study's URL (None for long runs: they search nothing, so they keep no study)."""
     from ray import tune
-
-    from sweep.report import load_trials, write_report
 
     experiment = c.experiment_uri
     if c.fresh and storage.exists(experiment):
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
     resuming = tune.Tuner.can_restore(experiment)
-    # Long runs search nothing: no study. First: a study that cannot be resumed (locked,
-    # damaged, another sweep's) is refused before anything in the experiment changes.
+    # First: a study that cannot be resumed (locked, damaged, another sweep's) is refused
+    # before anything in the experiment changes.
     study_url = None if c.from_experiment else study.prepare(c, new=not resuming)
     if resuming:
         # Trials a killed driver's last snapshot does not know: kept if they ended, else
@@ -91,7 +73,24 @@ def sweep_under_lock(c: SweepConfig) -> int:
         storage.relocate_search_state(experiment)
         if study_url and ended_unknown:
             tell_study(study_url, c.name, objective(c)["metric"], ended_unknown)
-    fill_data_cache()
+    return study_url
+
+
+def fill_data_cache() -> None:
+    """Load (and on first use cache) both datasets here, once, with a clear error, before
+    any trial starts; trials then read the verified cache."""
+    for load in (load_mnist, load_fashion_mnist):
+        images = load()
+        print(f"data: {images.name} from {images.source}")
+
+
+def fit(c: SweepConfig, study_url: str | None) -> tuple[list, bool]:
+    """Ray started, the Tuner built and fitted, Ray shut down: the trials as they ended,
+    and whether a Ctrl-C (or SIGTERM) ended the fit."""
+    import ray
+
+    from sweep.report import load_trials
+
     start_ray(c)
     signals.handle_sigterm_as_ctrl_c()  # again: ray.init put in handlers of its own
     try:
@@ -107,11 +106,34 @@ def sweep_under_lock(c: SweepConfig) -> int:
         # and its snapshot, where they are still running, is what a resume must see.
         trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
         if trials and not ctrl_c:
-            save_final_states(experiment, trials)
+            save_final_states(c.experiment_uri, trials)
         else:
-            trials = load_trials(experiment)
+            trials = load_trials(c.experiment_uri)
     finally:
         ray.shutdown()
+    return trials, ctrl_c
+
+
+def fit_noting_ctrl_c(tuner):
+    """tuner.fit(), and whether a Ctrl-C (SIGINT) ended it. Tune catches the signal itself:
+    it stops the trials, saves the experiment once more, returns, and puts back the
+    handler it found; a fit that ends on its own leaves Tune's handler in place. Telling
+    the two apart matters between trials, where nothing is left running to show it."""
+    # Tune's graceful stop is what makes Ctrl-C resumable; with it off, Ctrl-C would
+    # raise out of fit() with no final snapshot.
+    os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+    before = signal.getsignal(signal.SIGINT)
+    grid = tuner.fit()
+    return grid, signal.getsignal(signal.SIGINT) is before
+
+
+def report_and_say_what_next(c: SweepConfig, trials: list, ctrl_c: bool,
+                             study_url: str | None) -> int:
+    """The report written, the best trial and where everything is printed, and what to do
+    next: nothing (exit 0), or run the same command again (130 or 143)."""
+    from sweep.report import write_report
+
+    experiment = c.experiment_uri
     try:
         df = write_report(trials, c.report, others=source_trials(c))
     except OSError as e:  # the results are all in the experiment; only the summary failed
