@@ -167,6 +167,12 @@ def tell_study(url: str, name: str, metric: str | list[str], adopted: dict[str, 
         store.engine.dispose()
 
 
+def save_settings(c: SweepConfig) -> None:
+    """A new sweep's settings, in the experiment: what check_same_sweep holds a resume to."""
+    settings = json.dumps(sweep_settings(c), indent=1).encode()
+    storage.write_bytes(storage.join(c.experiment_uri, SETTINGS_FILE), settings)
+
+
 def check_same_sweep(c: SweepConfig) -> None:
     """Tune resumes a sweep with the settings it began with (kept in its tuner.pkl: trial
     count, budget, search, the live report's path) and would quietly ignore new ones; the
@@ -213,7 +219,7 @@ def save_final_states(experiment: str, trials) -> None:
     its actor gone, before marking the trial for the next snapshot), and report.py or a
     resume would read it as unfinished.
     """
-    states = storage.names(experiment, "experiment_state-*.json")
+    states = storage.names(experiment, STATE_FILES)
     if not states:
         return
     newest = storage.join(experiment, states[-1])

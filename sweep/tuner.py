@@ -5,21 +5,13 @@ the chosen configs."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import warnings
 
 from sweep import storage, study
 from sweep.cluster import concurrency
-from sweep.config import (
-    MAX_FAILURES,
-    SETTINGS_FILE,
-    SweepConfig,
-    first_rung,
-    long_run_configs,
-    objective,
-    sweep_settings,
-)
+from sweep.config import MAX_FAILURES, SweepConfig, first_rung, long_run_configs, objective
+from sweep.experiment import save_settings
 from sweep.progress import make_progress
 from sweep.space import space, start_points
 
@@ -82,8 +74,7 @@ def new_tuner(c: SweepConfig, trainable):
         callbacks=[make_progress(c)],
         verbose=0,
     )
-    settings = json.dumps(sweep_settings(c), indent=1).encode()
-    storage.write_bytes(storage.join(c.experiment_uri, SETTINGS_FILE), settings)
+    save_settings(c)
     print(f"new sweep in {c.experiment_uri}: {c.trials} trials, up to {n_concurrent} at once")
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config,
                       param_space=param_space)
