@@ -1,6 +1,7 @@
 """The layers of docs/architecture.md, kept true: data/ and model/ import nothing of
 sweep/ or bench/, sweep/ nothing of bench/, no two modules import each other (nor any
-longer loop), and the page names every module, and only modules that exist.
+longer loop), the training recipe is built in one module, and the page names every
+module, and only modules that exist.
 
 Read from the source with `ast`, so that an import inside a function counts as much as
 one at the top: a loop through a lazy import is still a loop."""
@@ -113,6 +114,24 @@ def test_the_loop_check_finds_a_loop_through_a_lazy_import(tmp_path: Path) -> No
     graph = import_graph(tmp_path)
     assert graph["sweep.d"] == set()
     assert loops(graph) == [["sweep.a", "sweep.b", "sweep.c"]]
+
+
+def optimizers_built(tree: ast.AST) -> list[str]:
+    """The torch.optim optimizers and schedules a module constructs (calls, not types)."""
+    return [ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and ast.unparse(node.func).startswith(("torch.optim.", "optim."))]
+
+
+def test_the_training_recipe_is_built_in_one_place() -> None:
+    """Optimizers and learning-rate schedules come from sweep/recipe.py (and its Muon):
+    train.py, the benches and gpu_check build their training through it. The one
+    exception is a forecast's own schedule: bench/anneal_forecast.py replaces the
+    restored schedule's tail with a short linear anneal, which is what it measures."""
+    own_schedule = {"bench.anneal_forecast": ["torch.optim.lr_scheduler.LinearLR"]}
+    built = {name: optimizers_built(ast.parse(path.read_text()))
+             for name, path in modules().items()
+             if name not in ("sweep.recipe", "sweep.muon")}
+    assert {name: calls for name, calls in built.items() if calls} == own_schedule
 
 
 def test_the_architecture_page_names_every_module_and_no_other() -> None:
