@@ -9,6 +9,7 @@ one at the top: a loop through a lazy import is still a loop."""
 from __future__ import annotations
 
 import ast
+import pickle
 import re
 from pathlib import Path
 
@@ -139,6 +140,17 @@ def test_the_architecture_page_names_every_module_and_no_other() -> None:
     files = {str(path.relative_to(ROOT)) for path in modules().values()}
     assert sorted(files - named) == [], "modules the page does not name"
     assert sorted(named - files) == [], "modules the page names that do not exist"
+
+
+def test_names_that_experiments_pickled_before_the_split_still_resolve() -> None:
+    """An experiment's tuner.pkl names the trial-directory function and the sweep's
+    config under sweep.run, where they were defined when it began; a resume unpickles
+    them. (The searcher's old path, sweep.study.StudySearch: tests/test_study.py.)"""
+    from sweep.config import SweepConfig
+    from sweep.tuner import name_trial_dir
+
+    assert pickle.loads(b"csweep.run\nname_trial_dir\n.") is name_trial_dir
+    assert pickle.loads(b"csweep.run\nSweepConfig\n.") is SweepConfig
 
 
 def test_the_readme_links_the_architecture_page() -> None:
