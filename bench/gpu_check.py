@@ -89,7 +89,9 @@ BF16_TOLERANCE = 0.05
 # difference between two straight runs (only where the repeats differ at all).
 NOISE_FACTOR = 2.0
 TIME_BUDGET_S = 8 * 60  # what the check is sized for on one GPU; said when exceeded
-EVAL_LINE = re.compile(r"test_mse: (\S+) ± (\S+) \(std over (\d+) sets of (\d+) pairs; (\d+)s\)")
+# sweep/evaluate.py's score line: "test_mse: M ± S (in fp32; std over 10 sets of N pairs; Ts)".
+EVAL_LINE = re.compile(r"test_mse: (\S+) ± (\S+) \(in \w+; std over (\d+) sets of (\d+) pairs; "
+                       r"(\d+)s\)")
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .* (\d+) samples/s")
 
 

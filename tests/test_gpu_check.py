@@ -110,7 +110,7 @@ def test_dry_run_on_the_cpu_from_idx_files_without_ray(tmp_path: Path) -> None:
         state = load_checkpoint(work / f"shared-{i}")
         assert state["epoch"] == 2 and state["fast_path"]["device"] == "cpu"
     # evaluate.py's score, the same on the "device" (here the CPU) and the CPU.
-    scores = re.findall(r"test_mse: (\S+) ± \S+ \(std over 10 sets of 100 pairs", out)
+    scores = re.findall(r"test_mse: (\S+) ± \S+ \(in fp32; std over 10 sets of 100 pairs", out)
     assert len(scores) == 2 and scores[0] == scores[1], out
     assert "device and CPU scores 0.00% apart" in out
 
