@@ -35,13 +35,11 @@ machine and how to read what it prints.
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
 import math
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -61,18 +59,16 @@ import torch  # noqa: E402
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train_throughput import Mode, real_training_step, samples_per_second, warm_up  # noqa: E402
-from data.mixture import load_sources  # noqa: E402
-from data.sources import (  # noqa: E402
-    IDX_HEADER,
-    IDX_MAGIC,
-    IDX_STEMS,
-    NAMES,
-    SIDE,
-    DataError,
-    default_cache_dir,
-    load_images,
+from bench.train_throughput import (  # noqa: E402
+    Mode,
+    aligned,
+    real_training_step,
+    samples_per_second,
+    sync,
+    warm_up,
 )
+from data.mixture import load_sources  # noqa: E402
+from data.sources import DataError, default_cache_dir, write_idx  # noqa: E402
 from model.unet import PRESETS, ConfigError, params_of, train_flops_per_sample  # noqa: E402
 from sweep.checkpoint import (  # noqa: E402
     CHECKPOINT_FILE,
@@ -93,8 +89,9 @@ BF16_TOLERANCE = 0.05
 # difference between two straight runs (only where the repeats differ at all).
 NOISE_FACTOR = 2.0
 TIME_BUDGET_S = 8 * 60  # what the check is sized for on one GPU; said when exceeded
-EVAL_LINE = re.compile(r"test_mse: (\S+) ± (\S+) \((?:in \w+; )?std over (\d+) sets of (\d+) "
-                       r"pairs; (\d+)s\)")
+# sweep/evaluate.py's score line: "test_mse: M ± S (in fp32; std over 10 sets of N pairs; Ts)".
+EVAL_LINE = re.compile(r"test_mse: (\S+) ± (\S+) \(in \w+; std over (\d+) sets of (\d+) pairs; "
+                       r"(\d+)s\)")
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .* (\d+) samples/s")
 
 
@@ -175,11 +172,6 @@ class Context:
 
 def say(line: str = "") -> None:
     print(line, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -289,12 +281,7 @@ def throughput_table(rows: list[Row], flops: dict[str, int], matmul: float) -> s
                       rate(r.samples_per_s), f"{tflops:.2f}", f"{tflops / matmul:.1%}",
                       f"{r.samples_per_s / fp32[(r.preset, r.batch_size)]:.2f}x",
                       "-" if math.isnan(r.peak_gib) else f"{r.peak_gib:.1f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    numeric = {1, 4, 5, 6, 7, 8}
-    return "\n".join(
-        "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                  for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip()
-        for line in lines)
+    return aligned(lines, numeric={1, 4, 5, 6, 7, 8})
 
 
 # --- sweep/train.py: a straight run, an interrupted and resumed one -------------------------
@@ -456,31 +443,6 @@ def share_device(ctx: Context) -> tuple[list[Path], list[dict[int, float]], floa
     return outs, [epoch_rates(out) for out, _ in done], wall
 
 
-# --- the data: carried as IDX files ---------------------------------------------------------
-
-def idx_bytes(images) -> bytes:
-    """An IDX image file (the format data/sources.py reads) of uint8 (N, 28, 28) images."""
-    header = struct.pack(">IIII", IDX_MAGIC, len(images), SIDE, SIDE)
-    assert len(header) == IDX_HEADER
-    return header + images.tobytes()
-
-
-def write_idx(directory: Path, level: int = 6) -> list[Path]:
-    """Both datasets, from wherever data/sources.py finds them here (verified), as gzipped
-    IDX files in directory/mnist and directory/fashion-mnist (gzip `level` 6: 40 MB;
-    level 1: 43 MB in half the time)."""
-    written = []
-    for name in NAMES:
-        images = load_images(name)
-        (directory / name).mkdir(parents=True, exist_ok=True)
-        for split, stem in IDX_STEMS.items():
-            path = directory / name / f"{stem}.gz"
-            # mtime 0: the same images give the same bytes, wherever they are written.
-            path.write_bytes(gzip.compress(idx_bytes(getattr(images, split)), level, mtime=0))
-            written.append(path)
-    return written
-
-
 # --- command line ---------------------------------------------------------------------------
 
 def one_line(e: BaseException) -> str:
@@ -503,12 +465,7 @@ def fmt_rates(rates: dict[int, float]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda",
-                        help="cuda, cuda:N, or cpu for a dry run (default cuda)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes everywhere: a dry run of every part in seconds")
-    parser.add_argument("--mnist-dir", type=Path, help="directory of MNIST IDX files")
-    parser.add_argument("--fashion-dir", type=Path, help="directory of Fashion-MNIST IDX files")
+    add_device_and_data_flags(parser, dry_run="in seconds")
     parser.add_argument("--work", type=Path, default=None,
                         help="where the runs go; absent or empty (default "
                              "runs/gpu-check-<date>-<time>)")
@@ -516,6 +473,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no check: write both datasets as gzipped IDX files under DIR "
                              "(DIR/mnist, DIR/fashion-mnist), to copy to a GPU machine")
     return parser.parse_args(argv)
+
+
+def add_device_and_data_flags(parser: argparse.ArgumentParser, dry_run: str) -> None:
+    """The flags gpu_check and gpu_front share: the device, the dry run, the IDX files."""
+    parser.add_argument("--device", default="cuda",
+                        help="cuda, cuda:N, or cpu for a dry run (default cuda)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny sizes everywhere: a dry run of every part {dry_run}")
+    parser.add_argument("--mnist-dir", type=Path, help="directory of MNIST IDX files")
+    parser.add_argument("--fashion-dir", type=Path, help="directory of Fashion-MNIST IDX files")
+
+
+def device_to_check(requested: str) -> torch.device:
+    """The device --device names; a ConfigError in one line where it is not here (no
+    CUDA: it says how to dry-run on the CPU instead)."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"no CUDA device: torch {torch.__version__} sees none here (run it "
+                          "on a GPU machine, or --device cpu --quick for a dry run)")
+    return pick_device(requested)
 
 
 def cuda_view(device: torch.device) -> str:
@@ -538,13 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in paths) / 2**20
         print(f"wrote {len(paths)} IDX files ({size:.0f} MB) under {args.write_idx}")
         return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device: torch {torch.__version__} sees none here "
-              "(run it on a GPU machine, or --device cpu --quick for a dry run)",
-              file=sys.stderr)
-        return 2
     try:
-        device = pick_device(args.device)
+        device = device_to_check(args.device)
     except ConfigError as e:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 2

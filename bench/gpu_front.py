@@ -50,9 +50,11 @@ import torch  # noqa: E402
 
 from bench.gpu_check import (  # noqa: E402
     CheckFailed,
+    add_device_and_data_flags,
     check_scores_agree,
     cuda_view,
     describe_machine,
+    device_to_check,
     last_line,
     one_line,
     rate,
@@ -543,12 +545,7 @@ def run_part(ctx: Context, name: str, seconds: float, part, *args) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda",
-                        help="cuda, cuda:N, or cpu for a dry run (default cuda)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes everywhere: a dry run of every part in about a minute")
-    parser.add_argument("--mnist-dir", type=Path, help="directory of MNIST IDX files")
-    parser.add_argument("--fashion-dir", type=Path, help="directory of Fashion-MNIST IDX files")
+    add_device_and_data_flags(parser, dry_run="in about a minute")
     parser.add_argument("--out", type=Path, default=None,
                         help="where everything goes; absent or empty (default "
                              "runs/gpu-front-<date>-<time>)")
@@ -585,13 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.design:
         return trainer(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"gpu_front: no CUDA device: torch {torch.__version__} sees none here "
-              "(run it on a GPU machine, or --device cpu --quick for a dry run)",
-              file=sys.stderr)
-        return 2
     try:
-        device = pick_device(args.device)
+        device = device_to_check(args.device)
     except ConfigError as e:
         print(f"gpu_front: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a plain checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweep import run, study
+from sweep import run, stored_study, study
 
 VARIANTS = {"ours": [], "baseline": ["--search", "random", "--no-early-stop", "--no-warm-start"],
             "cold": ["--no-warm-start"]}
@@ -66,7 +66,7 @@ def refused(config: run.SweepConfig) -> tuple[int, int]:
 
     trials = optuna.load_study(study_name=config.name,
                                storage=study.url_of(config)).get_trials(deepcopy=False)
-    over = sum(t.user_attrs.get("status") == study.OVER_BUDGET for t in trials)
+    over = sum(t.user_attrs.get("status") == stored_study.OVER_BUDGET for t in trials)
     return over, len(trials) - over
 
 

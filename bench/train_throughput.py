@@ -252,8 +252,13 @@ def table(rows: list[Row], flops: dict[str, int], matmul: float) -> str:
         lines.append((r.preset, str(r.batch_size), r.mode.name, r.mode.path, f"{rate:.1f}",
                       " ".join(f"{x:.1f}" for x in r.samples_per_s), f"{gflops:.1f}",
                       f"{gflops / matmul:.1%}", f"{ratio_vs(r, baseline[r.preset]):.2f}x"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    numeric = {1, 4, 6, 7, 8}  # right-aligned columns
+    return aligned(lines, numeric={1, 4, 6, 7, 8})
+
+
+def aligned(lines: list[tuple[str, ...]], numeric: set[int]) -> str:
+    """A plain-text table, a column's cells padded to its widest; the `numeric` columns
+    right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
                   for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip()

@@ -1,6 +1,8 @@
-"""The experiment on disk, reconciled with Ray Tune's last snapshot of it before a resume.
+"""The experiment on disk: the driver's lock on it, the settings it began with (a resume
+must ask for the same), the trials' final states, --fresh's move aside, and, before a
+resume, the disk reconciled with Ray Tune's last snapshot of it.
 
-Tune snapshots the experiment every 2 s (run.py): every trial's state in
+Tune snapshots the experiment every 2 s (tuner.py): every trial's state in
 experiment_state-<session>.json, the search generator's count of the trials it made in
 search_gen_state-<session>.json. Trials write their checkpoints straight into the
 experiment, at once. So a driver killed between two snapshots can leave trial directories
@@ -20,10 +22,15 @@ not know is either
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sweep import storage
+from sweep.config import SETTINGS_FILE, SweepConfig, UsageError, sweep_settings
 
 LOST_DIR = "lost"  # in the experiment: trial directories a resumed sweep does not know
 ENDED = ("finished", "diverged")  # a trial's own status once its last checkpoint is saved
@@ -143,18 +150,94 @@ def tell_study(url: str, name: str, metric: str | list[str], adopted: dict[str, 
     the searcher would have told it; one told already stays as it is."""
     import optuna
 
-    from sweep import study
+    from sweep.stored_study import open_storage, outcome
 
-    store = study.open_storage(url)
+    store = open_storage(url)
     try:
         stored = optuna.load_study(study_name=name, storage=store)
         for trial in stored.get_trials(deepcopy=False,
                                        states=(optuna.trial.TrialState.RUNNING,)):
             result = adopted.get(trial.user_attrs.get("trial_id"))
             if result is not None:
-                state, values = study.outcome(result, metric, error=False)
+                state, values = outcome(result, metric, error=False)
                 stored._storage.set_trial_user_attr(trial._trial_id, "status",
                                                     result["status"])
                 stored.tell(trial.number, values, state=state)
     finally:
         store.engine.dispose()
+
+
+def save_settings(c: SweepConfig) -> None:
+    """A new sweep's settings, in the experiment: what check_same_sweep holds a resume to."""
+    settings = json.dumps(sweep_settings(c), indent=1).encode()
+    storage.write_bytes(storage.join(c.experiment_uri, SETTINGS_FILE), settings)
+
+
+def check_same_sweep(c: SweepConfig) -> None:
+    """Tune resumes a sweep with the settings it began with (kept in its tuner.pkl: trial
+    count, budget, search, the live report's path) and would quietly ignore new ones; the
+    trials would see some of them. Refuse a command that asks for others."""
+    try:
+        saved = json.loads(storage.read_bytes(storage.join(c.experiment_uri, SETTINGS_FILE)))
+    except (OSError, ValueError):  # a new sweep, or one begun before the file was kept
+        return
+    wanted = sweep_settings(c)
+    differ = [k for k in wanted if saved.get(k, wanted[k]) != wanted[k]]
+    if differ:
+        changes = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (asked: {wanted[k]})"
+                            for k in differ)
+        raise UsageError(f"{c.experiment_uri} is a sweep begun with {changes}; its own command "
+                         "continues it, --fresh or another --name starts a new one")
+
+
+def lock_experiment(experiment: Path):
+    """Hold an exclusive lock for this driver's lifetime: a second driver on the same
+    experiment would corrupt it. The OS drops the lock when the process dies, however.
+    The lock file sits beside the experiment, not in it, so that `--fresh` can move the
+    experiment aside under the lock."""
+    experiment.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(experiment.with_name(f".{experiment.name}.driver.lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        raise UsageError(f"another sweep is running on {experiment} (driver pid {owner}); "
+                         "wait for it, or use another --name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def save_final_states(experiment: str, trials) -> None:
+    """Write the driver's final trial states over stale ones in the saved experiment.
+
+    Ray 2.60 does not snapshot a trial whose worker died for the last time: its state
+    stays RUNNING on disk (TuneController._schedule_trial_stop sets it ERROR but returns,
+    its actor gone, before marking the trial for the next snapshot), and report.py or a
+    resume would read it as unfinished.
+    """
+    states = storage.names(experiment, STATE_FILES)
+    if not states:
+        return
+    newest = storage.join(experiment, states[-1])
+    saved = json.loads(storage.read_bytes(newest))
+    live = {t.trial_id: t for t in trials}
+    changed = False
+    for i, (state, _) in enumerate(saved["trial_data"]):
+        state = json.loads(state)
+        trial = live.get(state["trial_id"])
+        if trial is not None and state["status"] != trial.status:
+            trial.invalidate_json_state()
+            saved["trial_data"][i] = list(trial.get_json_state())
+            changed = True
+    if changed:
+        storage.write_bytes(newest, json.dumps(saved).encode())
+
+
+def move_aside(experiment: str, name: str) -> str:
+    aside = storage.sibling(experiment, f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    storage.move(experiment, aside)
+    return aside

@@ -27,7 +27,8 @@ class SourceError(Exception):
 
 
 def defaults(source: str) -> dict:
-    """run.py's defaults for long runs from `source`, where they differ from a sweep's."""
+    """The flags' defaults (config.py) for long runs from `source`, where they differ
+    from a sweep's."""
     return {"name": f"{PurePosixPath(source.rstrip('/')).name}-long", "top": 3,
             "max_epochs": LONG_EPOCHS, "max_params": 0, "early_stop": False,
             "warm_start": False, "val_pairs": LONG_VAL_PAIRS, "test_pairs": TEST_PAIRS,

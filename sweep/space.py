@@ -84,14 +84,14 @@ def shrink_steps(model: dict):
 
 def fit_budget(model: dict, max_params: int | None) -> dict:
     """Over the parameter budget: shrink the model until it fits (SMALLEST always fits:
-    run.py checks that). For the start point: a suggestion over the budget is not shrunk
+    config.py checks that). For the start point: a suggestion over the budget is not shrunk
     but refused (StudySearch.suggest), so that Optuna learns what was trained."""
     if max_params is None or params_of(UNetConfig(**model)) <= max_params:
         return model
     for smaller in shrink_steps(model):
         if params_of(UNetConfig(**smaller)) <= max_params:
             return smaller
-    return smaller  # SMALLEST, which fits: run.py refuses a --max-params below it
+    return smaller  # SMALLEST, which fits: config.py refuses a --max-params below it
 
 
 def space(trial: optuna.Trial, constants: dict, max_params: int | None = None) -> dict:

@@ -176,7 +176,7 @@ def upload(local: Path, location: str) -> None:
 
 def check_usable(location: str) -> None:
     """Reach the object store, find the bucket and write there now, not after an hour of
-    training; a StorageError with one line otherwise. A directory is checked by run.py."""
+    training; a StorageError with one line otherwise. A directory is checked by config.py."""
     if not is_uri(location):
         return
     import pyarrow.fs

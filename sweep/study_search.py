@@ -1,6 +1,6 @@
 """The sweep's searcher: Ray's OptunaSearch with its study in real storage, kept true
 across resumes and moves (sweep/study.py says why). Apart from study.py because importing
-Ray Tune is slow; `study.StudySearch` imports it on first use."""
+Ray Tune is slow: only a sweep that builds or restores its Tuner imports it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,15 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep import study
 from sweep.space import model_params
-from sweep.study import OVER_BUDGET, outcome
+from sweep.stored_study import (
+    OVER_BUDGET,
+    STUDY_FILE,
+    directions_of,
+    located,
+    open_study,
+    outcome,
+)
 
 
 class StudySearch(OptunaSearch):
@@ -23,7 +29,7 @@ class StudySearch(OptunaSearch):
     the study's trials themselves and the URL the study had then, never a live handle on
     its storage: the experiment may be resumed from another place (moved, copied, on
     object storage from a driver with an empty cache). The handle is made again on first
-    use, at the place this driver's run.py found for it (study.located)."""
+    use, at the place this driver's run.py found for it (stored_study.py)."""
 
     def __init__(self, *args, max_params: int | None = None, own_file: bool = False,
                  **kwargs) -> None:
@@ -50,7 +56,7 @@ class StudySearch(OptunaSearch):
     def __setstate__(self, state: dict) -> None:
         if state.get("_ot_study") is not None:  # pickled by a sweep begun before this form
             url = state["_storage"].url
-            state = {**state, "_url": url, "_own_file": url.endswith(f"/{study.STUDY_FILE}"),
+            state = {**state, "_url": url, "_own_file": url.endswith(f"/{STUDY_FILE}"),
                      "_study_trials": [],
                      "_ot_trials": {trial_id: trial._cached_frozen_trial.number
                                     for trial_id, trial in state["_ot_trials"].items()},
@@ -64,9 +70,9 @@ class StudySearch(OptunaSearch):
     def _attach(self) -> None:
         """The study at its place for this driver, rebuilt from the pickled trials if that
         storage lacks it; the pickled trials become Optuna trials on it again."""
-        url = study.located(self._url, self._own_file)
-        found = study.open_study(url, self._study_name, study.directions_of(self._mode),
-                                 self._sampler, self._study_trials)
+        url = located(self._url, self._own_file)
+        found = open_study(url, self._study_name, directions_of(self._mode),
+                           self._sampler, self._study_trials)
         ids = {t.number: t._trial_id for t in found.get_trials(deepcopy=False)}
         self._ot_study, self._storage, self._url = found, found._storage, url
         self._ot_trials = {trial_id: optuna.trial.Trial(found, ids[number])

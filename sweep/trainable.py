@@ -26,7 +26,7 @@ from sweep.train import TrainConfig, device_kind, precision_note, run_trial, spl
 
 
 def trial_dir_name(trial_id: str) -> str:
-    """A trial's directory in the experiment (run.py names them so for Tune)."""
+    """A trial's directory in the experiment (tuner.py names them so for Tune)."""
     return f"trial_{trial_id}"
 
 
@@ -62,7 +62,7 @@ def newest_good_checkpoint(trial_dir: Path) -> tuple[dict | None, Path | None, s
 @functools.cache
 def sources_on(device: torch.device) -> Sources:
     """The images, loaded once per worker process: Tune reuses a worker for the next trial
-    (reuse_actors in run.py), which then starts without reading and verifying them again.
+    (reuse_actors in tuner.py), which then starts without reading and verifying them again.
     Each node reads its own data cache: the driver filled and verified its own before any
     trial started; on another node the first trial fills it, once (sources.py locks it)."""
     return load_sources(device)
@@ -78,7 +78,7 @@ def tune_trial(config: dict, experiment: str) -> None:
     """A trial under Tune. A config that cannot be built, a model that does not fit in
     memory or images this node cannot get (its data cache, sources.py) fail the same way on
     every attempt: the trial ends with status "error" and the reason in one line, instead
-    of being retried (Tune retries a dead worker, FailureConfig in run.py)."""
+    of being retried (Tune retries a dead worker, FailureConfig in tuner.py)."""
     # Torch threads = the CPUs Ray gave this trial: more would oversubscribe the cores.
     given = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, math.floor(given.get("CPU", 1))))

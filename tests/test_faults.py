@@ -32,8 +32,8 @@ from test_study import check_study_matches_report, stored_trials
 from test_sweep import REPO, results, sweep_args
 
 from model.unet import ConfigError, params_of, preset
+from sweep import cluster, config, run, trainable, tuner
 from sweep import report as report_cli
-from sweep import run, trainable
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import FastPath, choose_fast_path
 from sweep.experiment import tell_study
@@ -671,7 +671,7 @@ def test_trials_that_raise_or_diverge_end_with_the_reason_and_the_sweep_goes_on(
     """A config the model refuses (depth 5), an allocation larger than any machine's memory
     (the CPU allocator raises; nothing is touched) and a NaN loss: each ends at once with
     its status and reason in the report, is not retried, and the last trial finishes."""
-    monkeypatch.setattr(run, "space", faulty_space)
+    monkeypatch.setattr(tuner, "space", faulty_space)
     argv = sweep_args(tmp_path, "--trials", str(len(FAULTS)), "--max-epochs", "1",
                       "--max-params", "0", "--test-pairs", "0", "--cpus", "2")
     assert run.main(argv) == 0
@@ -908,13 +908,13 @@ def test_the_local_ray_listens_on_loopback_only_and_refuses_trials_that_fit_no_n
     network. Without the fix they listened on every interface."""
     import ray
 
-    run.start_ray(run.SweepConfig(cpus=1))
+    cluster.start_ray(config.SweepConfig(cpus=1))
     try:
         ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker, as a trial has
         ports = listening(descendants(os.getpid()))
-        with pytest.raises(run.UsageError, match=r"--cpus-per-trial 2 is more than any node "
-                                                 r"has \(1 CPUs at most\)"):
-            run.check_fits(run.SweepConfig(cpus_per_trial=2))
+        with pytest.raises(config.UsageError, match=r"--cpus-per-trial 2 is more than any node "
+                                                    r"has \(1 CPUs at most\)"):
+            cluster.check_fits(config.SweepConfig(cpus_per_trial=2))
     finally:
         ray.shutdown()
     print("listening:", sorted(ports))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.sources import write_idx
 from sweep.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_a_failed_part_ends_the_check_with_its_reason(tmp_path: Path, capsys,
 def test_dry_run_on_the_cpu_from_idx_files_without_ray(tmp_path: Path) -> None:
     # The data as it travels to a GPU machine: IDX files rebuilt from the verified images.
     idx = tmp_path / "idx"
-    paths = gpu_check.write_idx(idx, level=1)  # the fastest gzip: the bytes are the same
+    paths = write_idx(idx, level=1)  # the fastest gzip: the bytes are the same
     assert sorted(p.relative_to(idx).as_posix() for p in paths) == [
         "fashion-mnist/t10k-images-idx3-ubyte.gz", "fashion-mnist/train-images-idx3-ubyte.gz",
         "mnist/t10k-images-idx3-ubyte.gz", "mnist/train-images-idx3-ubyte.gz"]

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.sources import write_idx
 from sweep.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # bench/ holds scripts, not an installed package
-from bench import gpu_check, gpu_front  # noqa: E402
+from bench import gpu_front  # noqa: E402
 from bench.gpu_front import Context, Trainer, chosen_batch, size_run  # noqa: E402
 
 GPU_FRONT = REPO / "bench" / "gpu_front.py"
@@ -29,7 +30,7 @@ ABSENT_THERE = ("ray", "optuna", "tensorboardX")  # the GPU machine has none of 
 
 def test_dry_run_on_the_cpu_from_idx_files_without_ray(tmp_path: Path) -> None:
     idx = tmp_path / "idx"
-    gpu_check.write_idx(idx, level=1)  # the data as it travels to the GPU machine
+    write_idx(idx, level=1)  # the data as it travels to the GPU machine
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     for name in ABSENT_THERE:

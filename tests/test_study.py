@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from sweep import run, study
+from sweep import run, stored_study, study
 from sweep.space import space, start_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def stored_trials(url: str, name: str = "sweep") -> list[optuna.trial.FrozenTria
             given.append(trial)
         else:
             assert trial.state == TrialState.PRUNED, trial
-            assert trial.user_attrs["status"] == study.OVER_BUDGET, trial
+            assert trial.user_attrs["status"] == stored_study.OVER_BUDGET, trial
             assert trial.constraints["params_over_budget"] > 0, trial  # what TPE reads
     return given
 
@@ -61,7 +61,7 @@ def check_study_matches_report(url: str, report: pd.DataFrame) -> None:
         trial = by_id[row.trial_id]
         assert trial.state == STATES[row.status], (row, trial)
         if row.status == "diverged":  # told as the worst score, so that TPE learns it
-            assert trial.values[0] == study.DIVERGED_VAL_MSE, (row, trial)
+            assert trial.values[0] == stored_study.DIVERGED_VAL_MSE, (row, trial)
             assert trial.user_attrs["status"] == "diverged"
         elif trial.state == TrialState.COMPLETE:
             assert math.isclose(trial.values[0], row.val_mse, rel_tol=1e-6), (row, trial)
@@ -117,7 +117,7 @@ def test_a_resume_from_a_lagging_snapshot_leaves_no_trial_running_and_tells_none
     assert trials["c"].state == TrialState.FAIL
     # NaN: Ray's OptunaSearch left it RUNNING; told as the worst score, TPE learns from it
     assert trials["d"].state == TrialState.COMPLETE
-    assert trials["d"].value == study.DIVERGED_VAL_MSE
+    assert trials["d"].value == stored_study.DIVERGED_VAL_MSE
     assert trials["d"].user_attrs["status"] == "diverged"
 
 
@@ -141,7 +141,7 @@ def test_a_snapshot_carries_its_study_to_wherever_the_experiment_is_now(tmp_path
     search.suggest("c")  # after the snapshot, in the old place only
 
     now = f"sqlite:///{tmp_path / 'now' / study.STUDY_FILE}"
-    monkeypatch.setattr(study, "_own_file_url", now)  # what run.py's prepare finds
+    monkeypatch.setattr(stored_study, "_own_file_url", now)  # what run.py's prepare finds
     resumed = pickle.loads(at_start)
     resumed.restore(str(tmp_path / "snapshot.pkl"))
     assert [(t.number, t.state, t.params, t.user_attrs, t.intermediate_values)
@@ -165,7 +165,7 @@ def test_a_study_storage_url_is_kept_as_given_on_a_resume(tmp_path, monkeypatch)
     search.suggest("a")
     search.save(str(tmp_path / "snapshot.pkl"))
     own_file = tmp_path / "experiment" / study.STUDY_FILE
-    monkeypatch.setattr(study, "_own_file_url", f"sqlite:///{own_file}")
+    monkeypatch.setattr(stored_study, "_own_file_url", f"sqlite:///{own_file}")
     resumed = pickle.loads(pickle.dumps(search))
     resumed.restore(str(tmp_path / "snapshot.pkl"))
     resumed.on_trial_complete("a", {"val_mse": 0.5, "status": "finished"})
@@ -175,19 +175,20 @@ def test_a_study_storage_url_is_kept_as_given_on_a_resume(tmp_path, monkeypatch)
 
 def test_outcome_of_each_way_a_trial_ends():
     ok = {"val_mse": 0.1, "params": 1000}
-    assert study.outcome({**ok, "status": "finished"}, "val_mse", False) == (
+    assert stored_study.outcome({**ok, "status": "finished"}, "val_mse", False) == (
         TrialState.COMPLETE, [0.1])
-    assert study.outcome({**ok, "status": "finished"}, ["val_mse", "params"], False) == (
+    assert stored_study.outcome({**ok, "status": "finished"}, ["val_mse", "params"], False) == (
         TrialState.COMPLETE, [0.1, 1000])
-    assert study.outcome({**ok, "status": "running"}, "val_mse", False)[0] == TrialState.PRUNED
+    assert (stored_study.outcome({**ok, "status": "running"}, "val_mse", False)[0]
+            == TrialState.PRUNED)
     diverged = {"val_mse": math.nan, "params": 1000, "status": "diverged"}
-    assert study.outcome(diverged, ["val_mse", "params"], False) == (
-        TrialState.COMPLETE, [study.DIVERGED_VAL_MSE, 1000])
-    assert study.outcome({**ok, "status": "finished"}, "val_mse", True)[0] == TrialState.FAIL
-    assert study.outcome({"val_mse": math.nan, "status": "error"}, "val_mse", False)[0] == \
+    assert stored_study.outcome(diverged, ["val_mse", "params"], False) == (
+        TrialState.COMPLETE, [stored_study.DIVERGED_VAL_MSE, 1000])
+    assert stored_study.outcome({**ok, "status": "finished"}, "val_mse", True)[0] == TrialState.FAIL
+    assert stored_study.outcome({"val_mse": math.nan, "status": "error"}, "val_mse", False)[0] == \
         TrialState.FAIL
-    assert study.outcome(None, "val_mse", False)[0] == TrialState.PRUNED  # before it began
-    assert study.outcome(None, "val_mse", True)[0] == TrialState.FAIL
+    assert stored_study.outcome(None, "val_mse", False)[0] == TrialState.PRUNED  # before it began
+    assert stored_study.outcome(None, "val_mse", True)[0] == TrialState.FAIL
 
 
 # --- the study holds the configs that trained -----------------------------------------------

@@ -19,6 +19,8 @@ from data.sources import load_mnist
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep import long_runs, run
 from sweep import report as report_cli
+from sweep.config import SETTINGS_FILE, first_rung, scoring_pairs
+from sweep.experiment import check_same_sweep
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
 from sweep.space import SMALLEST, fit_budget, space, start_points
 from sweep.train import split_config
@@ -116,16 +118,16 @@ def test_long_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
     # Resuming: the count the experiment began with, without reading the source again.
     target = tmp_path / "runs" / "src-long"
     target.mkdir()
-    (target / run.SETTINGS_FILE).write_text('{"trials": 3}')
+    (target / SETTINGS_FILE).write_text('{"trials": 3}')
     assert run.parse_args(base + ["--from", str(source), "--samples", "1000"]).trials == 3
     assert run.main(base + ["--from", str(source), "--samples", "1000", "--fresh"]) == 2
     assert "Ray Tune cannot read" in capsys.readouterr().err  # --fresh: picked anew
 
 
 def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
-    assert run.scoring_pairs(8192, 2) == (512, 54)  # the default sweep
-    assert run.scoring_pairs(512, 1) == (250, 50)  # floors
-    assert run.scoring_pairs(100_000, 60) == (2_000, 20_000)  # the task's own sizes
+    assert scoring_pairs(8192, 2) == (512, 54)  # the default sweep
+    assert scoring_pairs(512, 1) == (250, 50)  # floors
+    assert scoring_pairs(100_000, 60) == (2_000, 20_000)  # the task's own sizes
     config = run.parse_args(["--samples-per-epoch", "48000", "--max-epochs", "10"])
     assert (config.val_pairs, config.test_pairs) == (2_000, 1_600)
     config = run.parse_args(["--val-pairs", "300", "--test-pairs", "0"])  # given: kept
@@ -133,11 +135,11 @@ def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
 
 
 def test_asha_first_compares_trials_after_enough_samples():
-    assert run.first_rung(8192, 2) == 1  # the default sweep: one epoch is plenty
-    assert run.first_rung(2048, 8) == 2  # two short epochs, not one
-    assert run.first_rung(1000, 8) == 5  # ceil(4096 / 1000)
-    assert run.first_rung(512, 2) == 2  # never past the last epoch
-    assert run.first_rung(62_500, 8, 250_000) == 4  # --first-rung-samples 250000
+    assert first_rung(8192, 2) == 1  # the default sweep: one epoch is plenty
+    assert first_rung(2048, 8) == 2  # two short epochs, not one
+    assert first_rung(1000, 8) == 5  # ceil(4096 / 1000)
+    assert first_rung(512, 2) == 2  # never past the last epoch
+    assert first_rung(62_500, 8, 250_000) == 4  # --first-rung-samples 250000
     config = run.parse_args(["--first-rung-samples", "250000"])
     assert config.first_rung_samples == 250_000
 
@@ -271,7 +273,7 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
                                                     "(asked: 3); its own command continues it")
     assert results(experiment) == before
     # Where it runs may change on resume (a lost node, another machine): not refused.
-    run.check_same_sweep(run.parse_args(argv + ["--cpus", "1"]))
+    check_same_sweep(run.parse_args(argv + ["--cpus", "1"]))
     # --fresh moves the old experiment aside, whole, and starts anew with the new settings:
     # here a time budget that ends the sweep, running trials stopped early, the rest never
     # started. Tune keeps the budget's clock with the experiment, so the end must not say
