@@ -81,6 +81,13 @@ class Watcher(threading.Thread):
         assert self.done
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT's default action, as a terminal's foreground job has it. Tests started from a
+    background job (`make test &` in a script) inherit SIGINT ignored, and a Python started
+    so never raises KeyboardInterrupt: the driver would sleep through the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """`python sweep/run.py ARGV` in its own process, as a user runs it. A thread reads its
     output and can SIGKILL it (or send it `sig`) the instant a line matches (no polling
@@ -91,7 +98,7 @@ class Driver:
         env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-u", str(RUN_PY), *argv], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                     text=True, preexec_fn=ctrl_c_as_in_a_terminal)
         self.lines: list[str] = []
         self.kill_on = re.compile(kill_on) if kill_on else None
         self.sig = sig

@@ -362,35 +362,13 @@ def test_logical_gpus_bound_concurrency(tmp_path):
     assert max(on_one_device) == round(1 / float(gpus_per_trial))
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        argv = sweep_args(tmp_path, "--address", cluster.address, "--trials", "4",
-                          "--samples-per-epoch", "2048", "--max-epochs", "1")
-        # A trial no node can hold (2 CPUs; each node has 1) is refused, not left waiting.
-        assert run.main([*argv, "--cpus-per-trial", "2"]) == 2
-        assert "--cpus-per-trial 2 is more than any node has" in capsys.readouterr().err
-        assert not list((tmp_path / "runs" / "sweep").glob("trial_*"))
-        assert run.main(argv) == 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    df = pd.read_csv(tmp_path / "report.csv")
-    assert len(df) == 4
-    assert df["node"].nunique() == 2
-
-
-def test_each_node_fills_its_own_data_cache_and_a_node_without_data_fails_for_good(
+def test_two_node_cluster_runs_trials_on_both_nodes_each_with_its_own_data_cache(
         tmp_path, capsys):
-    """A two-node cluster whose second node has a data cache of its own, empty: the
-    driver fills only its own, and the trial there fills that node's (once: sources.py
-    locks it, tests/test_data.py forces the race) and finishes. With that cache damaged,
-    the trial there ends at once as error, the reason in one line in the report, not
+    """A two-node cluster whose second node has a data cache of its own, empty. A trial no
+    node can hold is refused before anything starts. Trials run on both nodes: the driver
+    fills only its own cache, and the trial on the second node fills that node's (once:
+    sources.py locks it, tests/test_data.py forces the race) and finishes. With that cache
+    damaged, a trial there ends at once as error, the reason in one line in the report, not
     retried. Before, Tune retried a DataError that cannot succeed, twice."""
     import ray
     from ray.cluster_utils import Cluster
@@ -403,6 +381,10 @@ def test_each_node_fills_its_own_data_cache_and_a_node_without_data_fails_for_go
         # Two trials at once, one on each node (one CPU each).
         argv = sweep_args(tmp_path, "--address", cluster.address, "--trials", "2",
                           "--max-epochs", "1", "--no-early-stop")
+        # A trial no node can hold (2 CPUs; each node has 1) is refused, not left waiting.
+        assert run.main([*argv, "--cpus-per-trial", "2"]) == 2
+        assert "--cpus-per-trial 2 is more than any node has" in capsys.readouterr().err
+        assert not list((tmp_path / "runs" / "sweep").glob("trial_*"))
         assert run.main(argv) == 0
         df = pd.read_csv(tmp_path / "report.csv")
         assert (df["status"] == "finished").all() and df["node"].nunique() == 2, df
@@ -415,13 +397,18 @@ def test_each_node_fills_its_own_data_cache_and_a_node_without_data_fails_for_go
         cluster.shutdown()
     out = capsys.readouterr().out
     df = pd.read_csv(tmp_path / "report.csv")
-    assert sorted(df["status"]) == ["error", "finished"], df
-    error = df.loc[df["status"] == "error", "error"].item()
-    assert error.startswith("no data on this node: ") and "\n" not in error, error
-    assert f"{other_cache / 'mnist' / 'train.npy'}: unreadable cache file" in error
+    # Which trials land on the damaged node is Ray's choice: a trial that fails there at
+    # once frees its CPU, and the next may be placed there too. Each ends one way or the
+    # other, and at least one tried the damaged node.
+    errors = df.loc[df["status"] == "error", "error"]
+    assert len(errors) >= 1 and set(df["status"]) <= {"error", "finished"}, df
+    for error in errors:
+        assert error.startswith("no data on this node: ") and "\n" not in error, error
+        assert f"{other_cache / 'mnist' / 'train.npy'}: unreadable cache file" in error
     assert "retry" not in out, out
 
 
+@pytest.mark.slow  # the same, killed at each point of a sweep: tests/test_faults.py
 def test_sigkill_of_the_driver_then_the_same_command_resumes(tmp_path):
     cmd = [sys.executable, str(REPO / "sweep" / "run.py"),
            # No ASHA: a trial it stopped looks running (its reused worker lives on).
