@@ -33,7 +33,7 @@ sweep: data
 	$(PY) sweep/run.py
 
 test: data
-	$(PY) -m pytest -q -m "not slow" --durations=10  # the slowest, to keep CI under 10 min
+	$(PY) -m pytest -q -m "not slow" --durations=10  # the slowest, to keep CI under 12 min
 
 test-slow: data
 	$(PY) -m pytest -q -m slow -s
