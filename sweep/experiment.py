@@ -3,8 +3,8 @@ must ask for the same), the trials' final states, --fresh's move aside, and, bef
 resume, the disk reconciled with Ray Tune's last snapshot of it.
 
 Tune snapshots the experiment every 2 s (tuner.py): every trial's state in
-experiment_state-<session>.json, the search generator's count of the trials it made in
-search_gen_state-<session>.json. Trials write their checkpoints straight into the
+experiment_state-<timestamp>.json, the search generator's count of the trials it made in
+search_gen_state-<timestamp>.json. Trials write their checkpoints straight into the
 experiment, at once. So a driver killed between two snapshots can leave trial directories
 the last snapshot does not know: Tune would never look at them, and the search generator,
 its count restored from the snapshot, would make new trials in their place.
@@ -95,11 +95,11 @@ def read_snapshot(experiment: str, location: str, parse):
         return parse(storage.read_bytes(location))
     except Exception as e:  # noqa: BLE001 - json's, pickle's and the classes' own errors
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        # experiment_state-<session>.json: its searcher's and callbacks' files share it.
-        session = location.rsplit("/", 1)[-1].split("-", 1)[1].rsplit(".", 1)[0]
+        # experiment_state-<timestamp>.json: its searcher's and callbacks' files share it.
+        stamp = location.rsplit("/", 1)[-1].split("-", 1)[1].rsplit(".", 1)[0]
         raise StateError(
             f"{location} is cut short or damaged ({type(e).__name__}: {reason}); the sweep "
-            f"cannot resume from it. Move that snapshot's files (*-{session}.*) out of "
+            f"cannot resume from it. Move that snapshot's files (*-{stamp}.*) out of "
             f"{experiment} to resume from the one before, or start over with --fresh"
         ) from None
 

@@ -141,7 +141,7 @@ def check_sqlite_file(url: str, name: str) -> None:
 
 def last_snapshot(experiment_uri: str) -> dict | None:
     """The searcher's state in the experiment's newest snapshot (Tune names them by the
-    session's start time); None before the first one, or for a snapshot pickled before
+    driver's start time); None before the first one, or for a snapshot pickled before
     the study's trials were in it."""
     from sweep import storage
 
@@ -152,10 +152,10 @@ def last_snapshot(experiment_uri: str) -> dict | None:
     try:
         state = pickle.loads(storage.read_bytes(location))
     except Exception as e:  # noqa: BLE001 - pickle's errors, and the classes' own
-        session = names[-1].split("-", 2)[-1].rsplit(".", 1)[0]
+        stamp = names[-1].split("-", 2)[-1].rsplit(".", 1)[0]
         raise StudyError(f"{location} is cut short or damaged ({type(e).__name__}); the "
                          f"sweep cannot resume from it. Move that snapshot's files "
-                         f"(*-{session}.*) out of {experiment_uri} to resume from the one "
+                         f"(*-{stamp}.*) out of {experiment_uri} to resume from the one "
                          "before, or start over with --fresh") from None
     return state if isinstance(state, dict) and "_study_trials" in state else None
 
