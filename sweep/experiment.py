@@ -59,11 +59,12 @@ def reconcile(experiment: str) -> Reconciled:
     if not states:  # killed before Tune's first snapshot: nothing to restore from
         return found
     state_file = storage.join(experiment, states[-1])  # the newest, as Tune picks it
-    snapshot = read_snapshot(experiment, state_file, json.loads)
+    snapshot = read_snapshot(experiment, state_file, STATE_FILES, json.loads)
     known = {json.loads(trial)["trial_id"] for trial, _ in snapshot["trial_data"]}
     counted = [storage.join(experiment, n) for n in storage.names(experiment, COUNT_FILES)]
     # Long runs have no search generator: Tune makes all their trials at its first step.
-    count = read_snapshot(experiment, counted[-1], cloudpickle.loads) if counted else None
+    count = read_snapshot(experiment, counted[-1], COUNT_FILES,
+                          cloudpickle.loads) if counted else None
     unknown = [n for n in storage.names(experiment, "trial_*")
                if n.removeprefix("trial_") not in known]
     for name in unknown:
@@ -88,20 +89,13 @@ def reconcile(experiment: str) -> Reconciled:
     return found
 
 
-def read_snapshot(experiment: str, location: str, parse):
+def read_snapshot(experiment: str, location: str, pattern: str, parse):
     """A snapshot file, parsed; a StateError if it is cut short or damaged (a driver killed
     while Tune copied it into the experiment), which Tune would end in a traceback."""
     try:
         return parse(storage.read_bytes(location))
     except Exception as e:  # noqa: BLE001 - json's, pickle's and the classes' own errors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        # experiment_state-<timestamp>.json: its searcher's and callbacks' files share it.
-        stamp = location.rsplit("/", 1)[-1].split("-", 1)[1].rsplit(".", 1)[0]
-        raise StateError(
-            f"{location} is cut short or damaged ({type(e).__name__}: {reason}); the sweep "
-            f"cannot resume from it. Move that snapshot's files (*-{stamp}.*) out of "
-            f"{experiment} to resume from the one before, or start over with --fresh"
-        ) from None
+        raise StateError(storage.damaged_snapshot(location, pattern, experiment, e)) from None
 
 
 def ended_trial(trial_uri: str) -> tuple[dict, dict] | None:

@@ -213,6 +213,18 @@ def why(e: Exception) -> str:
     return f"cannot use it ({text[:200]})"
 
 
+def damaged_snapshot(location: str, pattern: str, experiment: str, e: Exception) -> str:
+    """The one line for a snapshot file (named by `pattern`, Tune's <prefix>*<suffix>) that
+    is cut short or damaged: a driver killed while Tune copied it into the experiment. Tune
+    names all of one snapshot's files by its driver's start time, so the fix moves them all."""
+    prefix, _, suffix = pattern.partition("*")
+    stamp = location.rsplit("/", 1)[-1].removeprefix(prefix).removesuffix(suffix)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return (f"{location} is cut short or damaged ({type(e).__name__}: {reason}); the sweep "
+            f"cannot resume from it. Move that snapshot's files (*-{stamp}.*) out of "
+            f"{experiment} to resume from the one before, or start over with --fresh")
+
+
 def sibling(location: str, name: str) -> str:
     """The location `name` beside `location` (in the same directory or prefix)."""
     if not is_uri(location):

@@ -152,11 +152,7 @@ def last_snapshot(experiment_uri: str) -> dict | None:
     try:
         state = pickle.loads(storage.read_bytes(location))
     except Exception as e:  # noqa: BLE001 - pickle's errors, and the classes' own
-        stamp = names[-1].split("-", 2)[-1].rsplit(".", 1)[0]
-        raise StudyError(f"{location} is cut short or damaged ({type(e).__name__}); the "
-                         f"sweep cannot resume from it. Move that snapshot's files "
-                         f"(*-{stamp}.*) out of {experiment_uri} to resume from the one "
-                         "before, or start over with --fresh") from None
+        raise StudyError(storage.damaged_snapshot(location, SNAPSHOTS, experiment_uri, e)) from None
     return state if isinstance(state, dict) and "_study_trials" in state else None
 
 

@@ -375,11 +375,11 @@ def test_a_trial_that_ended_after_the_last_snapshot_is_kept_and_never_trained_ag
         before = files_of(experiment)
         driver = Driver(argv)
         assert driver.wait() == 2, driver.output[-3000:]
-        session = re.search(r"-(\d{4}-\d\d-\d\d_[\d-]+)\.", newest.name).group(1)
+        stamp = re.search(r"-(\d{4}-\d\d-\d\d_[\d-]+)\.", newest.name).group(1)
         assert driver.lines[-1].startswith(f"error: {newest} is cut short or damaged ("), \
             driver.output[-3000:]
         assert driver.lines[-1].endswith(
-            f"the sweep cannot resume from it. Move that snapshot's files (*-{session}.*) out "
+            f"the sweep cannot resume from it. Move that snapshot's files (*-{stamp}.*) out "
             f"of {experiment} to resume from the one before, or start over with --fresh")
         assert "Traceback" not in driver.output, driver.output[-3000:]
         assert files_of(experiment) == before
@@ -658,7 +658,8 @@ def test_a_sweep_resumed_on_another_kind_of_device_goes_on_where_each_trial_bega
 # --- trials that raise or diverge --------------------------------------------------------------
 
 DIVERGES = {**preset("reference", base_filters=4).to_dict(), "lr": 1.0, "seed": 2,
-            "batch_size": 64, "samples_per_epoch": 256, "epochs": 3}  # test_train: NaN at once
+            "batch_size": 64, "samples_per_epoch": 256, "epochs": 3,
+            "optimizer": "adamw"}  # test_train: NaN at once
 FAULTS = [
     ("cannot be built", {"depth": 5}),
     ("out of memory", {"batch_size": 10**15, "samples_per_epoch": 10**15}),  # > any RAM
