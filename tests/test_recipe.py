@@ -223,3 +223,20 @@ def test_time_to_quality_bad_recipe_flags_are_one_line_exit_2(tmp_path: Path) ->
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: optimizer must be one of ('adamw', 'muon'), "
                                      "got 'sgd'")
+
+
+# --- one run on both cores: bench/two_cores.py ------------------------------------------------
+
+def test_two_cores_dry_run_trains_both_ways_and_the_data_parallel_ranks_agree() -> None:
+    """Seconds-long rounds: one process with two threads, two gloo processes (whose weights
+    the bench compares after training, or fails), two independent runs."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "two_cores.py"), "--preset", "tiny",
+         "--seconds", "1", "--rounds", "1", "--batch-size", "16"],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rates = dict(re.findall(r"round 1: (two threads|ddp 2x1|two runs) +([\d.]+) samples/s",
+                            result.stdout))
+    assert set(rates) == {"two threads", "ddp 2x1", "two runs"}
+    assert all(float(rate) > 0 for rate in rates.values())
+    assert re.search(r"^two_cores: ddp/threads=[\d.]+$", result.stdout, re.MULTILINE)
