@@ -1,14 +1,16 @@
 """Time to quality: recipe B given T minutes against recipe A given k*T, side by side.
 
-    python bench/time_to_quality.py --minutes 15 --factor 3          # B = Muon, A = today's
-    python bench/time_to_quality.py --minutes 15 --model "--base-filters 16"  # small at base 16
-    python bench/time_to_quality.py --minutes 15 --factor 3 --b "--optimizer muon --schedule linear"
+    python bench/time_to_quality.py --minutes 20 --factor 3      # B = today's, A = before it
+    python bench/time_to_quality.py --minutes 20 --model "--base-filters 16"  # small at base 16
+    python bench/time_to_quality.py --minutes 5 --factor 1 --a "--muon-lr 0.02" --b "--muon-lr 0.05"
 
 Does B reach in T what A reaches in k*T, on this machine? Both run at once, each in its
 own process on one thread (two cores: one each), on one design (`--preset`, changed by
 `--model`'s flags). Each is a train.py config given as its flags: A defaults to the
-recipe every run before 2026-12 trained with, spelled out in full so that it stays
-reproducible whatever the defaults become; B defaults to Muon.
+recipe every run before 2026-12-03 trained with, spelled out in full so that it stays
+reproducible whatever the defaults become; B defaults to today's recipe (TrainConfig's
+defaults since 2026-12-03), spelled out as well. With --factor 1 it screens two
+candidates at equal time.
 
 Each run's budget is wall time, and its schedule runs by the clock: the learning rate at
 each step is the schedule at (seconds trained / seconds allowed), so every run ends its
@@ -56,7 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Today's recipe, every field that makes it spelled out: A stays this when defaults move.
 RECIPE_A = ("--optimizer adamw --schedule cosine --lr 0.003 --weight-decay 0.0001 "
             "--batch-size 64 --ema-decay 0 --loss mse --no-compile --no-compile-step")
-RECIPE_B = "--optimizer muon --schedule cosine --muon-lr 0.02 --muon-momentum 0.95"
+RECIPE_B = ("--optimizer muon --schedule linear --muon-lr 0.05 --muon-momentum 0.9 --lr 0.01 "
+            "--weight-decay 0.0001 --batch-size 64")
 CURVE_COLUMNS = ["run", "train_seconds", "samples", "lr", "val_mse"]
 
 

@@ -75,7 +75,12 @@ def long_config(config: dict, samples: int, epochs: int, val_pairs: int,
                 test_pairs: int) -> dict:
     """A short trial's config, given the long budget: `samples` in `epochs` epochs (whole
     batches), and its scoring sizes (by default the task's). Model and training settings
-    stay as they were."""
+    stay as they were; a trial of a sweep begun before the recipe was written into its
+    config (the legacy recipe, AdamW) gets today's recipe instead, with today's learning
+    rate: the one its sweep found was AdamW's on every weight."""
+    from sweep.train import TrainConfig, default_recipe
+
     per_epoch = math.ceil(samples / epochs / config["batch_size"]) * config["batch_size"]
-    return {**config, "epochs": epochs, "samples_per_epoch": per_epoch,
+    recipe = {} if "optimizer" in config else {**default_recipe(), "lr": TrainConfig().lr}
+    return {**config, **recipe, "epochs": epochs, "samples_per_epoch": per_epoch,
             "val_pairs": val_pairs, "test_pairs": test_pairs}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 
 from model.unet import BLOCKS, OUTPUTS, PRESETS, UPSAMPLES, UNetConfig, params_of
-from sweep.train import LOSSES, split_config
+from sweep.train import LOSSES, TrainConfig, split_config
 
 BASE_FILTERS = (8, 12, 16, 24, 32, 48)
 BATCH_SIZES = (32, 64, 128)
@@ -46,17 +46,19 @@ def suggest_output(trial: optuna.Trial) -> dict:
 
 
 def start_points(max_params: int | None) -> list[dict]:
-    """Where the search starts: the `small` preset with the long run's learning rate and
-    batch size (results/2026-11-26-long-small), shrunk to the budget before Optuna gets it,
-    so that the enqueued point is the config that trains. A trial that is known to train
-    well gives TPE something to build on from the first result, instead of only its random
-    start-up guesses. Keys are the suggestion names."""
+    """Where the search starts: the `small` preset with the recipe's own learning rate and
+    batch size (TrainConfig's defaults, results/2026-12-03-time-to-quality), shrunk to the
+    budget before Optuna gets it, so that the enqueued point is the config that trains. A
+    trial that is known to train well gives TPE something to build on from the first
+    result, instead of only its random start-up guesses. Keys are the suggestion names."""
     small = PRESETS["small"]
     model = {name: getattr(small, name) for name in (
         "base_filters", "depth", "enc_convs", "dec_convs", "decoder_width_mult",
         "depthwise_head", "block", "upsample", "attention_gates", "output",
         "mixture_consistent")}
-    return [{**fit_budget(model, max_params), "lr": 3e-3, "batch_size": 64, "loss": "mse"}]
+    recipe = TrainConfig()
+    return [{**fit_budget(model, max_params), "lr": recipe.lr, "batch_size": recipe.batch_size,
+             "loss": "mse"}]
 
 
 def shrink_steps(model: dict):

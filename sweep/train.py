@@ -65,6 +65,11 @@ SWITCHES = ("auto", "on", "off")
 # device's kind may not (check_resumable); a precision that differs is said (precision_note).
 RUNTIME_FIELDS = {"threads", "device", "compile", "compile_step", "test_pairs", "precision",
                   "channels_last"}
+# The recipe's fields, and what every run trained with before they existed (2026-12-03):
+# a trial's config or a checkpoint that names no optimizer is from then, and goes on so.
+RECIPE_FIELDS = ("optimizer", "schedule", "muon_lr", "muon_momentum", "muon_ns_steps")
+LEGACY_RECIPE = {"optimizer": "adamw", "schedule": "cosine", "muon_lr": 0.02,
+                 "muon_momentum": 0.95, "muon_ns_steps": 5}
 
 
 @dataclass(frozen=True)
@@ -72,14 +77,16 @@ class TrainConfig:
     epochs: int = 3
     samples_per_epoch: int = 50_000  # pairs are drawn afresh, so an epoch is a budget
     batch_size: int = 64
-    lr: float = 3e-3  # AdamW's peak (with optimizer muon: for the parameters off Muon)
+    lr: float = 1e-2  # AdamW's peak (with optimizer muon: for the parameters off Muon)
     weight_decay: float = 1e-4  # AdamW's (Muon's filters take none)
     # The recipe (sweep/recipe.py): adamw, or muon (Muon on the hidden conv filters, AdamW
     # on the rest); the schedule over all epochs: cosine to lr/100, linear to 0, or wsd.
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95  # Nesterov
+    # Defaults measured against the clock (results/2026-12-03-time-to-quality); before
+    # them, LEGACY_RECIPE with lr 3e-3.
+    optimizer: str = "muon"
+    schedule: str = "linear"
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.9  # Nesterov
     muon_ns_steps: int = 5  # Newton-Schulz iterations per update
     loss: str = "mse"  # what training minimizes; validation and test always score MSE
     # Weight EMA (Polyak averaging) per step; 0 = off. With it on, validation, test and the
@@ -147,8 +154,20 @@ class TrainConfig:
         return choose_fast_path(pick_device(self.device), self.precision, self.channels_last)
 
 
+def default_recipe() -> dict:
+    """Today's recipe, field by field: what a new sweep writes into each trial's config."""
+    return {name: getattr(TrainConfig(), name) for name in RECIPE_FIELDS}
+
+
+def with_recipe(flat: dict) -> dict:
+    """A config (a trial's, a checkpoint's) with its recipe's fields: those of the legacy
+    recipe where it names no optimizer, since it predates them; else as it says."""
+    return flat if "optimizer" in flat else {**LEGACY_RECIPE, **flat}
+
+
 def split_config(flat: dict) -> tuple[UNetConfig, TrainConfig]:
     """A flat dict (a sweep's config, a checkpoint's) -> (model config, train config)."""
+    flat = with_recipe(flat)
     model_keys = {f.name for f in fields(UNetConfig)}
     train_keys = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(flat) - model_keys - train_keys)
@@ -230,9 +249,10 @@ def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
     """Refuse to continue a checkpoint under a different config, or on another kind of
     device: the result would be neither run (and the random stream of pairs, a generator
     on the device, cannot move between kinds)."""
-    # A field newer than the checkpoint took its default there: the run it made.
+    # A field newer than the checkpoint took its default there (the legacy recipe's, for
+    # the recipe's fields): the run it made.
     defaults = {**UNetConfig().to_dict(), **asdict(TrainConfig())}
-    saved = {**defaults, **state["model_config"], **state["train_config"]}
+    saved = {**defaults, **state["model_config"], **with_recipe(state["train_config"])}
     wanted = {**model_cfg.to_dict(), **asdict(cfg)}
     differ = [k for k in wanted if k not in RUNTIME_FIELDS and saved[k] != wanted[k]]
     if differ:

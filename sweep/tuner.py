@@ -14,6 +14,7 @@ from sweep.config import MAX_FAILURES, SweepConfig, first_rung, long_run_configs
 from sweep.experiment import save_settings
 from sweep.progress import make_progress
 from sweep.space import space, start_points
+from sweep.train import default_recipe
 
 
 def name_trial_dir(trial) -> str:
@@ -88,8 +89,11 @@ def optuna_search(c: SweepConfig):
 
     from sweep.study_search import StudySearch
 
+    # The recipe is written into each trial's config: a sweep resumed after the defaults
+    # move goes on with the recipe it began with.
     constants = {"epochs": c.max_epochs, "samples_per_epoch": c.samples_per_epoch,
-                 "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed}
+                 "val_pairs": c.val_pairs, "test_pairs": c.test_pairs, "seed": c.seed,
+                 **default_recipe()}
     define_by_run = functools.partial(space, constants=constants)
     max_params = c.max_params or None
     if c.search == "random":  # the baseline the search-efficiency bench compares with

@@ -209,7 +209,7 @@ def test_time_to_quality_dry_run(tmp_path: Path) -> None:
     curves = pd.read_csv(tmp_path / "curves.csv")
     assert len(curves) == 4 and curves.val_mse.notna().all()
     last = curves.groupby("run").lr.last()
-    assert last["B"] < 0.2 * 0.02  # linear to 0: the last step is near the end of it
+    assert last["B"] < 0.2 * 0.05  # linear to 0: the last step is near the end of it
     assert last["A"] < 0.2 * 3e-3
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "cpu:" in (tmp_path / "machine.txt").read_text()

@@ -23,7 +23,7 @@ from sweep.config import SETTINGS_FILE, first_rung, scoring_pairs
 from sweep.experiment import check_same_sweep
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
 from sweep.space import SMALLEST, fit_budget, space, start_points
-from sweep.train import split_config
+from sweep.train import TrainConfig, split_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny trials: the smallest corner of the space, a few hundred samples an epoch.
@@ -156,7 +156,7 @@ def test_the_search_starts_from_the_small_preset_fitted_to_the_budget():
         # and the config that trains is the point Optuna stores.
         assert trial.params == point
         assert {k: config[k] for k in point} == point
-        assert (config["lr"], config["batch_size"]) == (3e-3, 64)
+        assert (config["lr"], config["batch_size"]) == (TrainConfig().lr, 64)
         return split_config(config)[0]
 
     assert first_trial(max_params=None) == PRESETS["small"]
@@ -244,7 +244,8 @@ def test_sweep_runs_reports_and_rebuilds(tmp_path, capsys):
     assert len(pids) < 4, pids
     configs = {t.trial_id: t.config for t in load_trials(experiment)}
     # The warm start: one trial has the small preset's settings (shrunk to the budget).
-    assert sum(c["lr"] == 3e-3 and c["batch_size"] == 64 for c in configs.values()) >= 1
+    warm = [c for c in configs.values() if (c["lr"], c["batch_size"]) == (TrainConfig().lr, 64)]
+    assert len(warm) >= 1
     # Size and FLOPs are counted by the report, from each trial's config.
     for row in df.itertuples():
         model_cfg = split_config(configs[row.trial_id])[0]
@@ -453,7 +454,7 @@ def test_sigkill_of_the_driver_then_the_same_command_resumes(tmp_path):
     # seed would propose the configs before the kill again, and the warm start twice.
     configs = [t.config for t in load_trials(experiment)]
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == 5
-    assert sum(c["lr"] == 3e-3 and c["batch_size"] == 64 for c in configs) == 1
+    assert sum(c["lr"] == TrainConfig().lr and c["batch_size"] == 64 for c in configs) == 1
 
     for trial in finished:  # kept as it was: no epoch trained again
         # train_seconds, not val_mse: training is exact, so a retrained epoch would score

@@ -34,7 +34,7 @@ from sweep.checkpoint import (
 from sweep.device import choose_fast_path, pick_device
 from sweep.recipe import make_step_fn
 from sweep.scoring import val_mse
-from sweep.train import TrainConfig, check_resumable, run_trial
+from sweep.train import LEGACY_RECIPE, TrainConfig, check_resumable, run_trial, split_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "sweep" / "train.py"
@@ -125,7 +125,7 @@ def test_short_training_lowers_val_mse_below_trivial_baselines(sources: Sources,
     first, last = history[0]["val_mse"], history[-1]["val_mse"]
     assert last < first < untrained
     assert last < 0.5 * copy, (last, copy, zeros)
-    assert history[-1]["lr"] < cfg.lr / 10  # the cosine schedule ran to its end
+    assert history[-1]["lr"] < cfg.lr / 10  # the schedule ran to its end
     assert history[-1]["params"] == sum(p.numel() for p in UNet(model_cfg).parameters())
 
 
@@ -345,9 +345,10 @@ def test_the_step_minimizes_the_loss_asked_for(sources: Sources, fast, loss: str
 
 def test_a_checkpoint_from_before_the_levers_resumes(sources: Sources, fast) -> None:
     """Fields added later are absent from older checkpoints, which trained with their
-    defaults: resuming one is allowed, resuming it with another value is not."""
-    model_cfg, cfg = preset("tiny"), TrainConfig(epochs=2, samples_per_epoch=128,
-                                                 val_pairs=50, threads=1)
+    defaults then (the legacy recipe, for the recipe's fields): resuming one is allowed,
+    resuming it with another value is not."""
+    model_cfg = preset("tiny")
+    cfg = TrainConfig(epochs=2, samples_per_epoch=128, val_pairs=50, threads=1, **LEGACY_RECIPE)
     _, state, _ = next(run_trial(model_cfg, cfg, sources, fast))
     for key in ("block", "upsample", "attention_gates", "output", "bn_scale", "bn_momentum"):
         del state["model_config"][key]
@@ -364,6 +365,31 @@ def test_a_checkpoint_from_before_the_levers_resumes(sources: Sources, fast) -> 
         next(run_trial(model_cfg, replace(cfg, optimizer="muon"), sources, fast, state))
 
 
+def test_a_trial_config_names_its_recipe_or_trained_with_the_legacy_one() -> None:
+    """A sweep begun before the recipe was written into its trials' configs trained them
+    with AdamW and cosine: resumed, its trials (and new ones) go on so, whatever today's
+    defaults; a config that names its recipe keeps it. Long runs from such a sweep take
+    today's recipe, learning rate included; from a newer sweep, the trial's own."""
+    from sweep.long_runs import long_config
+
+    legacy = {"base_filters": 8, "lr": 4e-3, "batch_size": 64}
+    _, cfg = split_config(legacy)
+    assert {k: getattr(cfg, k) for k in LEGACY_RECIPE} == LEGACY_RECIPE
+    assert cfg.lr == 4e-3
+    named = {**legacy, "optimizer": "muon", "schedule": "wsd", "muon_lr": 0.03}
+    _, cfg = split_config(named)
+    assert (cfg.optimizer, cfg.schedule, cfg.muon_lr) == ("muon", "wsd", 0.03)
+
+    today = TrainConfig()
+    long = long_config(legacy, samples=1_000, epochs=2, val_pairs=10, test_pairs=10)
+    assert (long["optimizer"], long["schedule"], long["muon_lr"], long["lr"]) == (
+        today.optimizer, today.schedule, today.muon_lr, today.lr)
+    assert long["optimizer"] != LEGACY_RECIPE["optimizer"]
+    long = long_config(named, samples=1_000, epochs=2, val_pairs=10, test_pairs=10)
+    assert (long["optimizer"], long["schedule"], long["muon_lr"], long["lr"]) == (
+        "muon", "wsd", 0.03, 4e-3)
+
+
 def test_resume_under_another_config_is_refused(sources: Sources, fast) -> None:
     model_cfg = preset("tiny")
     cfg = TrainConfig(epochs=2, samples_per_epoch=128, val_pairs=50, threads=1)
@@ -375,7 +401,7 @@ def test_resume_under_another_config_is_refused(sources: Sources, fast) -> None:
     cases = [
         (replace(model_cfg, base_filters=5), cfg, "base_filters: 4 -> 5"),
         (replace(model_cfg, mixture="sum"), cfg, "mixture: 'mean' -> 'sum'"),
-        (model_cfg, replace(cfg, lr=1e-3), "lr: 0.003 -> 0.001"),
+        (model_cfg, replace(cfg, lr=1e-3), "lr: 0.01 -> 0.001"),
         (model_cfg, replace(cfg, epochs=3), "epochs: 2 -> 3"),
         (model_cfg, replace(cfg, seed=1), "seed: 0 -> 1"),
     ]
@@ -462,7 +488,8 @@ def test_huge_lr_diverges_without_raising(sources: Sources, fast) -> None:
     # A deep, unnormalised net at lr 1.0 overflows within a few AdamW steps (every seed
     # tried did); the trial must end cleanly, not raise and not run the remaining epochs.
     model_cfg = preset("reference", base_filters=4)
-    cfg = TrainConfig(epochs=3, samples_per_epoch=256, val_pairs=100, lr=1.0, seed=2, threads=1)
+    cfg = TrainConfig(epochs=3, samples_per_epoch=256, val_pairs=100, lr=1.0, seed=2, threads=1,
+                      optimizer="adamw")
     history = list(run_trial(model_cfg, cfg, sources, fast))
     assert len(history) == 1
     metrics, state, _ = history[0]
