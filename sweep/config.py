@@ -147,7 +147,8 @@ def parse_args(argv: list[str] | None, usage: str) -> SweepConfig:
     long.add_argument("--from", dest="from_experiment", type=storage.normalize,
                       help="the sweep's experiment (directory or URI); its front's configs "
                            "with the lowest val MSE, within --max-params, are trained as "
-                           "the trials of a new experiment, NAME-long by default")
+                           "the trials of a new experiment, NAME-long by default; or a "
+                           "checkpoint file (.pt), whose config is trained so")
     long.add_argument("--top", type=number(int), help="how many configs (default 3)")
     long.add_argument("--samples", type=number(int),
                       help="training samples per long run, in --max-epochs epochs "

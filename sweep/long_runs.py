@@ -8,12 +8,17 @@ trials of a new experiment (default name: the source's name + "-long"). Ray Tune
 them as any sweep's trials (on CPUs or GPUs, on a cluster), the same command resumes them,
 and each is scored on the full test protocol at the end. No search and no early stop: the
 configs are chosen, the point is their score.
+
+    python sweep/run.py --from results/2026-11-26-long-small/checkpoint.pt --samples 30000000
+
+trains one checkpoint's design (the config it trained with) the same way: a design found
+outside a sweep, or one to train longer than it was, as a sweep of one trial.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from sweep.scoring import TEST_PAIRS  # the task's protocol: 10 sets of 20,000 pairs
 
@@ -26,10 +31,16 @@ class SourceError(Exception):
     """The experiment to take configs from cannot be read; the message names it."""
 
 
+def is_checkpoint(source: str) -> bool:
+    """--from names a checkpoint file, not a sweep's experiment."""
+    return source.endswith(".pt")
+
+
 def defaults(source: str) -> dict:
     """The flags' defaults (config.py) for long runs from `source`, where they differ
-    from a sweep's."""
-    return {"name": f"{PurePosixPath(source.rstrip('/')).name}-long", "top": 3,
+    from a sweep's. A checkpoint's long run is named after its folder."""
+    path = PurePosixPath(source.rstrip("/"))
+    return {"name": f"{(path.parent if is_checkpoint(source) else path).name}-long", "top": 3,
             "max_epochs": LONG_EPOCHS, "max_params": 0, "early_stop": False,
             "warm_start": False, "val_pairs": LONG_VAL_PAIRS, "test_pairs": TEST_PAIRS,
             "samples_per_epoch": None}  # from --samples: given, it is refused
@@ -37,9 +48,20 @@ def defaults(source: str) -> dict:
 
 def front_configs(source: str, top: int, max_params: int | None, samples: int, epochs: int,
                   val_pairs: int, test_pairs: int) -> list[dict]:
-    """The long runs' configs: the chosen trials' configs with the long budget."""
+    """The long runs' configs: the chosen trials' configs with the long budget (or the
+    checkpoint's config, if within max_params)."""
+    from model.unet import params_of
     from sweep import storage
     from sweep.report import load_trials
+    from sweep.train import split_config
+
+    if is_checkpoint(source):
+        config = checkpoint_config(source)
+        params = params_of(split_config(config)[0])
+        if max_params is not None and params > max_params:
+            raise SourceError(f"{source}: its design has {params:,} parameters, over "
+                              f"--max-params {max_params:,}")
+        return [long_config(config, samples, epochs, val_pairs, test_pairs)]
 
     try:
         found = storage.names(source, "experiment_state*.json")
@@ -55,6 +77,20 @@ def front_configs(source: str, top: int, max_params: int | None, samples: int, e
                           f"({type(e).__name__}: {e})") from None
     trials = pick_front(trials, top, max_params)
     return [long_config(t.config, samples, epochs, val_pairs, test_pairs) for t in trials]
+
+
+def checkpoint_config(source: str) -> dict:
+    """The config a checkpoint (a local file) trained with, as a trial's config: its model
+    and training fields, without those that only say how that run ran (threads, device)."""
+    from sweep.checkpoint import CheckpointError, load_checkpoint
+    from sweep.train import RUNTIME_FIELDS
+
+    try:
+        state = load_checkpoint(Path(source))
+    except CheckpointError as e:
+        raise SourceError(str(e)) from None
+    train = {k: v for k, v in state["train_config"].items() if k not in RUNTIME_FIELDS}
+    return {**state["model_config"], **train}
 
 
 def pick_front(trials, top: int, max_params: int | None) -> list:

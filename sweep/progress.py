@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 
-from sweep import storage
+from sweep import long_runs, storage
 from sweep.config import MAX_FAILURES, SweepConfig
 
 PLOT_EVERY_S = 60  # pareto.png is redrawn at most this often while the sweep runs
@@ -15,8 +15,9 @@ PLOT_EVERY_S = 60  # pareto.png is redrawn at most this often while the sweep ru
 
 def source_trials(c: SweepConfig) -> list:
     """The trials of the sweep long runs come from: in their report too, so that
-    pareto.png draws both (the long runs' full-protocol test scores apart)."""
-    if not c.from_experiment:
+    pareto.png draws both (the long runs' full-protocol test scores apart). A checkpoint
+    has no sweep's trials."""
+    if not c.from_experiment or long_runs.is_checkpoint(c.from_experiment):
         return []
     from sweep.report import load_trials
 

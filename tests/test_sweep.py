@@ -14,7 +14,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 
+from data.mixture import load_sources
 from data.sources import load_mnist
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep import long_runs, run
@@ -122,6 +124,52 @@ def test_long_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
     assert run.parse_args(base + ["--from", str(source), "--samples", "1000"]).trials == 3
     assert run.main(base + ["--from", str(source), "--samples", "1000", "--fresh"]) == 2
     assert "Ray Tune cannot read" in capsys.readouterr().err  # --fresh: picked anew
+
+
+def test_a_long_run_from_a_checkpoint_trains_its_design(tmp_path, capsys):
+    """--from FILE.pt: the config a checkpoint trained with becomes one long run, named
+    after its folder, without the fields that only said how it ran; a checkpoint from
+    before the recipe fields gets today's recipe. One that is missing, or over
+    --max-params, is refused in one line."""
+    from sweep.checkpoint import save_checkpoint
+    from sweep.progress import source_trials
+    from sweep.train import LEGACY_RECIPE, run_trial
+
+    model_cfg = UNetConfig(base_filters=8, depth=1)
+    cfg = TrainConfig(epochs=1, samples_per_epoch=64, val_pairs=20, threads=1, lr=5e-3,
+                      optimizer="adamw", schedule="wsd")
+    sources = load_sources(torch.device("cpu"))
+    [(_, state, _)] = list(run_trial(model_cfg, cfg, sources, cfg.fast_path()))
+    run_dir = tmp_path / "2026-12-03-tiny"
+    run_dir.mkdir()
+    save_checkpoint(state, run_dir / "checkpoint.pt")
+    base = ["--storage", str(tmp_path / "runs"), "--report", str(tmp_path / "r.csv"),
+            "--samples", "1000", "--max-epochs", "2"]
+    c = run.parse_args(["--from", str(run_dir / "checkpoint.pt"), *base])
+    assert (c.name, c.trials) == ("2026-12-03-tiny-long", 1)
+    assert source_trials(c) == []  # no sweep's trials to report beside it
+    [long] = long_runs.front_configs(c.from_experiment, 3, None, 1000, 2, 50, 100)
+    assert split_config(long)[0] == model_cfg
+    assert (long["optimizer"], long["schedule"], long["lr"]) == ("adamw", "wsd", 5e-3)
+    assert (long["epochs"], long["test_pairs"]) == (2, 100)
+    assert not {"threads", "device", "precision", "compile"} & set(long)
+
+    for key in LEGACY_RECIPE:  # a checkpoint saved before the recipe fields
+        del state["train_config"][key]
+    save_checkpoint(state, run_dir / "checkpoint.pt")
+    [long] = long_runs.front_configs(c.from_experiment, 3, None, 1000, 2, 50, 100)
+    today = TrainConfig()
+    assert (long["optimizer"], long["schedule"], long["lr"]) == (
+        today.optimizer, today.schedule, today.lr)
+
+    params = params_of(model_cfg)
+    cases = [(["--from", str(tmp_path / "gone.pt")], "gone.pt: no such checkpoint file"),
+             (["--from", str(run_dir / "checkpoint.pt"), "--max-params", str(params - 1)],
+              f"its design has {params:,} parameters, over --max-params {params - 1:,}")]
+    for argv, phrase in cases:
+        assert run.main(base + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and phrase in err, (argv, err)
 
 
 def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
