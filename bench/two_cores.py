@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{args.preset} {args.model} {args.recipe}, global batch {args.batch_size}, "
-          f"{args.seconds:g} s x {args.rounds} rounds")
+    design = " ".join(x for x in (args.preset, args.model, args.recipe or "today's recipe") if x)
+    print(f"\n{design}, global batch {args.batch_size}, {args.seconds:g} s x {args.rounds} "
+          "rounds")
     median = {way: statistics.median(r) for way, r in rates.items()}
     for way in ways:
         ratio = median[way] / median["two threads"]
