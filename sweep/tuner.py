@@ -8,7 +8,7 @@ import functools
 import os
 import warnings
 
-from sweep import storage, study
+from sweep import long_runs, storage, study
 from sweep.cluster import concurrency
 from sweep.config import MAX_FAILURES, SweepConfig, first_rung, long_run_configs, objective
 from sweep.experiment import save_settings
@@ -137,7 +137,8 @@ def long_run_search(c: SweepConfig):
     from ray.tune.search import BasicVariantGenerator
 
     configs = long_run_configs(c)
-    print(f"long runs of {len(configs)} configs of {c.from_experiment}'s front, "
-          f"{c.samples:,} samples each")
+    what = (f"the design of {c.from_experiment}" if long_runs.is_checkpoint(c.from_experiment)
+            else f"{len(configs)} configs of {c.from_experiment}'s front")
+    print(f"long runs of {what}, {c.samples:,} samples each")
     keys = dict.fromkeys(k for config in configs for k in config)
     return BasicVariantGenerator(points_to_evaluate=configs), None, keys
