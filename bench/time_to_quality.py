@@ -55,7 +55,8 @@ from sweep.recipe import make_step_fn
 from sweep.scoring import val_mse
 
 ROOT = Path(__file__).resolve().parents[1]
-# Today's recipe, every field that makes it spelled out: A stays this when defaults move.
+# The recipe before 2026-12-03 (train.py's LEGACY_RECIPE, lr 3e-3) and today's, every
+# field that makes each spelled out: A and B stay these when the defaults move.
 RECIPE_A = ("--optimizer adamw --schedule cosine --lr 0.003 --weight-decay 0.0001 "
             "--batch-size 64 --ema-decay 0 --loss mse --no-compile --no-compile-step")
 RECIPE_B = ("--optimizer muon --schedule linear --muon-lr 0.05 --muon-momentum 0.9 --lr 0.01 "

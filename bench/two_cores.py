@@ -58,7 +58,8 @@ def free_port() -> int:
 
 def train_for(rank: int, args: argparse.Namespace, batch_size: int, threads: int,
               port: int | None, results) -> None:
-    """One process: train for args.seconds; put (rank, samples, seconds) on results.
+    """One process: train for args.seconds; put (rank, samples, seconds, whether the
+    ranks' weights agree) on results.
     With a port, one of a data-parallel pair: every step goes on while rank 0's clock
     says so (both ranks must take the same number of steps, or one waits forever)."""
     torch.set_num_threads(threads)
@@ -114,8 +115,8 @@ def run_way(way: str, args: argparse.Namespace) -> float:
         plan = [(rank, args.batch_size // 2, 1, port) for rank in (0, 1)]
     else:  # two runs
         plan = [(rank, args.batch_size, 1, None) for rank in (0, 1)]
-    procs = [ctx.Process(target=train_for, args=(*row[:1], args, *row[1:], results))
-             for row in plan]
+    procs = [ctx.Process(target=train_for, args=(rank, args, batch, threads, port, results))
+             for rank, batch, threads, port in plan]
     for p in procs:
         p.start()
     got = [results.get() for _ in procs]

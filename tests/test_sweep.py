@@ -14,9 +14,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import torch
 
-from data.mixture import load_sources
 from data.sources import load_mnist
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
 from sweep import long_runs, run
@@ -126,7 +124,7 @@ def test_long_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
     assert "Ray Tune cannot read" in capsys.readouterr().err  # --fresh: picked anew
 
 
-def test_a_long_run_from_a_checkpoint_trains_its_design(tmp_path, capsys):
+def test_a_long_run_from_a_checkpoint_trains_its_design(tmp_path, capsys, sources):
     """--from FILE.pt: the config a checkpoint trained with becomes one long run, named
     after its folder, without the fields that only said how it ran; a checkpoint from
     before the recipe fields gets today's recipe. One that is missing, or over
@@ -138,7 +136,6 @@ def test_a_long_run_from_a_checkpoint_trains_its_design(tmp_path, capsys):
     model_cfg = UNetConfig(base_filters=8, depth=1)
     cfg = TrainConfig(epochs=1, samples_per_epoch=64, val_pairs=20, threads=1, lr=5e-3,
                       optimizer="adamw", schedule="wsd")
-    sources = load_sources(torch.device("cpu"))
     [(_, state, _)] = list(run_trial(model_cfg, cfg, sources, cfg.fast_path()))
     run_dir = tmp_path / "2026-12-03-tiny"
     run_dir.mkdir()
