@@ -72,7 +72,7 @@ from sweep.checkpoint import (  # noqa: E402
 )
 from sweep.device import choose_fast_path, pick_device  # noqa: E402
 from sweep.scoring import TEST_PAIRS, TEST_SEEDS, test_score  # noqa: E402
-from sweep.train import LEGACY_RECIPE, TrainConfig, run_trial  # noqa: E402
+from sweep.train import LEGACY_LR, LEGACY_RECIPE, TrainConfig, run_trial  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "sweep" / "train.py"
@@ -112,7 +112,7 @@ DESIGNS = {
 }
 # The recipe the designs' learning rates were found with (AdamW, cosine to lr/100), spelled
 # out: the GPU runs stay comparable with the CPU runs they extend whatever the defaults.
-RECIPE = TrainConfig(**LEGACY_RECIPE, lr=3e-3)
+RECIPE = TrainConfig(**LEGACY_RECIPE, lr=LEGACY_LR)
 # The lr is scaled with the batch by sqrt(batch / RECIPE's batch), at most by this
 # factor: a larger batch takes fewer, surer steps, but the recipe was tuned at batch 64
 # and a design without batch norm (reference) may not take more. A guess, not measured.

@@ -39,12 +39,12 @@ from data.mixture import load_sources
 from model.unet import UNetConfig, params_of, preset
 from sweep.files import atomic_write, write_csv
 from sweep.recipe import make_step_fn
-from sweep.train import LEGACY_RECIPE, TrainConfig, build_trial
+from sweep.train import LEGACY_LR, LEGACY_RECIPE, TrainConfig, build_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = preset("small")  # today's best design: 262,822 parameters
 # The recipe of results/2026-12-01-levers (AdamW, cosine), spelled out to stay reproducible.
-RECIPE = TrainConfig(batch_size=64, lr=3e-3, threads=1, **LEGACY_RECIPE)
+RECIPE = TrainConfig(batch_size=64, lr=LEGACY_LR, threads=1, **LEGACY_RECIPE)
 # name -> (model overrides, train overrides). Each changes one thing; widths stay the
 # baseline's except where a lever alone would move the parameter count far (NAF).
 VARIANTS: dict[str, tuple[dict, dict]] = {

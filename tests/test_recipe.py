@@ -21,7 +21,7 @@ from model.unet import PRESETS, UNet, count_params, preset
 from sweep.device import choose_fast_path
 from sweep.muon import MuonWithAdamW, split_for_muon
 from sweep.recipe import Ema, build_optimizer, build_schedule, lr_factor
-from sweep.train import TrainConfig
+from sweep.train import LEGACY_LR, LEGACY_RECIPE, RECIPE_FIELDS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,6 +213,22 @@ def test_time_to_quality_dry_run(tmp_path: Path) -> None:
     assert last["A"] < 0.2 * 3e-3
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "cpu:" in (tmp_path / "machine.txt").read_text()
+
+
+def test_time_to_quality_s_recipes_are_the_legacy_recipe_and_today_s_defaults() -> None:
+    """A and B are spelled out as flags so that they stay put when defaults move; spelled
+    out, they must still say what their names do."""
+    sys.path.insert(0, str(REPO))
+    from bench.time_to_quality import RECIPE_A, RECIPE_B, configs
+
+    _, a = configs("small", "", RECIPE_A)
+    _, b = configs("small", "", RECIPE_B)
+    today = TrainConfig()
+    # Muon's fields do nothing under AdamW: A need not spell them.
+    assert (a.optimizer, a.schedule, a.lr) == (LEGACY_RECIPE["optimizer"],
+                                               LEGACY_RECIPE["schedule"], LEGACY_LR)
+    assert {k: getattr(b, k) for k in (*RECIPE_FIELDS, "lr", "batch_size", "weight_decay")} \
+        == {k: getattr(today, k) for k in (*RECIPE_FIELDS, "lr", "batch_size", "weight_decay")}
 
 
 def test_time_to_quality_bad_recipe_flags_are_one_line_exit_2(tmp_path: Path) -> None:
