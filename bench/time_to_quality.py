@@ -188,7 +188,8 @@ def summarize(args: argparse.Namespace) -> int:
     write_csv(pd.DataFrame(summary), args.out / "summary.csv")
     k = f"{args.factor:g}"
     plot(curves, args.out / "curves.png",
-         f"B {args.minutes:g} min vs A {args.minutes * args.factor:g} min ({args.preset})")
+         f"B {args.minutes:g} min vs A {args.minutes * args.factor:g} min "
+         f"({f'{args.preset} {args.model}'.strip()})")
     a, b = summary[0]["val_mse"], summary[1]["val_mse"]
     print(f"time_to_quality: B@T={b:.3e} A@kT={a:.3e} factor>={k}: {'yes' if b <= a else 'no'}")
     return 0
