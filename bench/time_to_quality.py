@@ -3,6 +3,7 @@
     python bench/time_to_quality.py --minutes 20 --factor 3      # B = today's, A = before it
     python bench/time_to_quality.py --minutes 20 --model "--base-filters 16"  # small at base 16
     python bench/time_to_quality.py --minutes 5 --factor 1 --a "--muon-lr 0.02" --b "--muon-lr 0.05"
+    python bench/time_to_quality.py --minutes 60 --factor 2 --c "--output one"  # + C after B
 
 Does B reach in T what A reaches in k*T, on this machine? Both run at once, each in its
 own process on one thread (two cores: one each), on one design (`--preset`, changed by
@@ -22,8 +23,11 @@ Prints each run's curve (val MSE against seconds), its samples/s, and the headli
 
     time_to_quality: B@T=<val MSE> A@kT=<val MSE> factor>=k: yes|no
 
-("yes": B after T is at least as good as A after k*T, so B is worth >= k in time). Writes
-curves.csv, curves.png, summary.csv and machine.txt under --out
+("yes": B after T is at least as good as A after k*T, so B is worth >= k in time). With
+--c, a third run C (B's flags and C's, so C is B with one thing changed) starts on B's
+core when B ends, with B's budget: with --factor 2 both cores stay busy until A ends, and
+C meets the same neighbour as B did; `C@T against B@T` is printed after the headline.
+Writes curves.csv, curves.png, summary.csv and machine.txt under --out
 (results/<date>-time-to-quality/ by default).
 """
 
@@ -129,27 +133,44 @@ def run_one(name: str, preset: str, model_flags: str, recipe_flags: str, seconds
 
 # --- the comparison (the parent) ------------------------------------------------------------
 
-def child_command(name: str, args: argparse.Namespace, flags: str, seconds: float) -> list[str]:
+def child_command(name: str, args: argparse.Namespace, seconds: float) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--run-one", name,
-            "--preset", args.preset, f"--model={args.model}", f"--{name.lower()}={flags}",
+            "--preset", args.preset, f"--model={args.model}", f"--a={args.a}",
+            f"--b={args.b}", f"--c={args.c}",
             "--run-seconds", str(seconds), "--evals", str(args.evals),
             "--val-pairs", str(args.val_pairs), "--out", str(args.out)]
 
 
+def recipes(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(run, flags) of each run: A, B and, with --c, C (B's flags, then C's)."""
+    runs = [("A", args.a), ("B", args.b)]
+    return runs + [("C", f"{args.b} {args.c}")] if args.c else runs
+
+
 def run_both(args: argparse.Namespace) -> int:
-    """A and B at once, one process each; their output goes to log-<run>.txt."""
-    budgets = {"B": args.minutes * 60, "A": args.minutes * 60 * args.factor}
-    procs = {}
-    for name, flags in (("A", args.a), ("B", args.b)):
-        log = open(args.out / f"log-{name}.txt", "w")  # noqa: SIM115 - closed below
-        procs[name] = (subprocess.Popen(child_command(name, args, flags, budgets[name]),
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
+    """A and B at once, one process each, then C (if any) where B was; their output goes
+    to log-<run>.txt."""
+    budgets = {"A": args.minutes * 60 * args.factor, "B": args.minutes * 60,
+               "C": args.minutes * 60}
     failed = 0
-    for name, (proc, log) in procs.items():
+
+    def start(name: str) -> tuple[subprocess.Popen, object]:
+        log = open(args.out / f"log-{name}.txt", "w")  # noqa: SIM115 - closed in finish
+        return subprocess.Popen(child_command(name, args, budgets[name]),
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log
+
+    def finish(name: str, proc: subprocess.Popen, log) -> None:
+        nonlocal failed
         failed |= proc.wait() != 0
         log.close()
         if proc.returncode:
             print(f"run {name} failed (exit {proc.returncode}): see {log.name}", file=sys.stderr)
+
+    a, b = start("A"), start("B")
+    finish("B", *b)
+    if args.c:
+        finish("C", *start("C"))
+    finish("A", *a)
     return int(failed)
 
 
@@ -170,10 +191,11 @@ def plot(curves: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def summarize(args: argparse.Namespace) -> int:
-    curves = pd.concat([pd.read_csv(args.out / f"{name}.csv") for name in ("A", "B")])
+    runs = recipes(args)
+    curves = pd.concat([pd.read_csv(args.out / f"{name}.csv") for name, _ in runs])
     write_csv(curves, args.out / "curves.csv")
     summary = []
-    for name, flags in (("A", args.a), ("B", args.b)):
+    for name, flags in runs:
         run = curves[curves.run == name]
         end = run.iloc[-1]
         summary.append({"run": name, "flags": flags, "train_seconds": end.train_seconds,
@@ -192,6 +214,9 @@ def summarize(args: argparse.Namespace) -> int:
          f"({f'{args.preset} {args.model}'.strip()})")
     a, b = summary[0]["val_mse"], summary[1]["val_mse"]
     print(f"time_to_quality: B@T={b:.3e} A@kT={a:.3e} factor>={k}: {'yes' if b <= a else 'no'}")
+    if args.c:
+        c = summary[2]["val_mse"]
+        print(f"C@T={c:.3e} against B@T={b:.3e}: {c / b - 1:+.1%}")
     return 0
 
 
@@ -203,7 +228,9 @@ def write_machine(args: argparse.Namespace) -> None:
              + f" ({count_params(UNet(model_cfg)):,} params)",
              f"A: {args.a} for {args.minutes * args.factor:g} min",
              f"B: {args.b} for {args.minutes:g} min",
-             "each run one thread, both at once"]
+             *([f"C: B and {args.c} for {args.minutes:g} min, on B's core after B"]
+               if args.c else []),
+             "each run one thread, A and B at once"]
     (args.out / "machine.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -219,12 +246,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model flags for both runs, e.g. '--base-filters 16'")
     parser.add_argument("--a", default=RECIPE_A, help=f"recipe A's flags (default {RECIPE_A!r})")
     parser.add_argument("--b", default=RECIPE_B, help=f"recipe B's flags (default {RECIPE_B!r})")
+    parser.add_argument("--c", default="",
+                        help="flags added to B's for a run C after B, on its core, for T")
     parser.add_argument("--evals", type=int, default=10, help="val MSE points per run (default 10)")
     parser.add_argument("--val-pairs", type=int, default=2000,
                         help="fixed validation pairs (default 2000, as train.py)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "results" / f"{time.strftime('%Y-%m-%d')}-time-to-quality")
-    parser.add_argument("--run-one", choices=["A", "B"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", choices=["A", "B", "C"], help=argparse.SUPPRESS)
     parser.add_argument("--run-seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.factor < 1 or args.evals < 1 or args.val_pairs < 1:
@@ -235,10 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        for flags in (args.a, args.b):
+        for _, flags in recipes(args):
             configs(args.preset, args.model, flags)  # bad flags: refused before any run
         if args.run_one:
-            flags = args.a if args.run_one == "A" else args.b
+            flags = dict(recipes(args))[args.run_one]
             run_one(args.run_one, args.preset, args.model, flags, args.run_seconds,
                     args.evals, args.val_pairs, args.out)
             return 0

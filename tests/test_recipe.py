@@ -192,24 +192,32 @@ HEADLINE = re.compile(r"time_to_quality: B@T=(\S+) A@kT=(\S+) factor>=2: (yes|no
 
 
 def test_time_to_quality_dry_run(tmp_path: Path) -> None:
-    """Seconds-long budgets: both runs at once, each ending its schedule at its budget."""
+    """Seconds-long budgets: A and B at once, then C on B's core, each ending its schedule
+    at its budget."""
     minutes = 0.04
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--preset", "tiny",
          "--minutes", str(minutes), "--factor", "2", "--evals", "2", "--val-pairs", "100",
-         "--b", "--optimizer muon --schedule linear", "--out", str(tmp_path)],
+         "--b", "--optimizer muon --schedule linear", "--c", "--schedule wsd",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=240, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     [(b, a, verdict)] = HEADLINE.findall(result.stdout)
     assert (verdict == "yes") == (float(b) <= float(a))
     summary = pd.read_csv(tmp_path / "summary.csv").set_index("run")
     assert summary.loc["B", "train_seconds"] >= minutes * 60
+    assert summary.loc["C", "train_seconds"] >= minutes * 60
+    assert summary.loc["C", "flags"] == "--optimizer muon --schedule linear --schedule wsd"
+    [(c, b_again)] = re.findall(r"^C@T=(\S+) against B@T=(\S+): [+-][\d.]+%$", result.stdout,
+                                re.MULTILINE)
+    assert (float(c), b_again) == (pytest.approx(summary.loc["C", "val_mse"], rel=1e-3), b)
     assert summary.loc["A", "train_seconds"] >= 2 * minutes * 60
     assert summary.loc["A", "samples"] > summary.loc["B", "samples"]
     curves = pd.read_csv(tmp_path / "curves.csv")
-    assert len(curves) == 4 and curves.val_mse.notna().all()
+    assert len(curves) == 6 and curves.val_mse.notna().all()
     last = curves.groupby("run").lr.last()
     assert last["B"] < 0.2 * 0.05  # linear to 0: the last step is near the end of it
+    assert last["C"] < 0.2 * 0.05  # so is wsd's
     assert last["A"] < 0.2 * 3e-3
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "cpu:" in (tmp_path / "machine.txt").read_text()
