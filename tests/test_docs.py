@@ -33,6 +33,9 @@ COMMAND = re.compile(r"(?:^|\s)(?:\S*python3?\s+)?((?:sweep|bench|data)/\w+\.py)
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 MAKE = re.compile(r"(?:^|\s)make\s+([a-z][\w-]*)")
 TEST_REF = re.compile(r"(tests/test_\w+\.py)::(test_\w+)")
+# A quoted run of flags is a recipe or model for sweep/train.py's parser (the benchmarks'
+# --a, --b, --c, --model): its flags are train.py's.
+QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
 
 
 def markdown_files() -> list[Path]:
@@ -113,7 +116,10 @@ def commands_in(code: str) -> list[tuple[str, list[str]]]:
         for chunk in re.split(r"\|\||&&|;|\|", line):
             m = COMMAND.search(chunk.split(" #")[0])
             if m:
-                found.append((m.group(1), FLAG.findall(m.group(2))))
+                quoted = " ".join(QUOTED.findall(m.group(2)))
+                found.append((m.group(1), FLAG.findall(QUOTED.sub("", m.group(2)))))
+                if FLAG.search(quoted):
+                    found.append(("sweep/train.py", FLAG.findall(quoted)))
     return found
 
 
@@ -168,9 +174,12 @@ def test_every_flag_the_pages_give_a_command_is_one_it_knows(known_flags) -> Non
 
 def test_the_flag_check_tells_a_script_from_the_next_command() -> None:
     code = ("python sweep/run.py --gpus 4 --bogus && ray start --head  # --not-this\n"
-            ".venv/bin/python sweep/train.py --preset small | tee log")
+            ".venv/bin/python sweep/train.py --preset small | tee log\n"
+            "python bench/time_to_quality.py --c '--output one' --model \"--depth 3\"")
     assert commands_in(code) == [("sweep/run.py", ["--gpus", "--bogus"]),
-                                 ("sweep/train.py", ["--preset"])]
+                                 ("sweep/train.py", ["--preset"]),
+                                 ("bench/time_to_quality.py", ["--c", "--model"]),
+                                 ("sweep/train.py", ["--output", "--depth"])]
 
 
 def test_every_make_target_the_pages_name_exists() -> None:
