@@ -317,13 +317,13 @@ def test_a_trial_that_ended_after_the_last_snapshot_is_kept_and_never_trained_ag
     step ends (its period set to a day), when it knows at most the two trials that fit at
     once; the third is made, trains, ends and is told COMPLETE in the Optuna study unknown
     to any snapshot, and the driver is SIGKILLed the instant it ends (the second may still
-    be training then, or not). The same command
-    keeps that trial as the disk has it: in the report once, finished, its directory byte
-    for byte, no trial trained in its place, the study as the report. A trial directory
-    unknown to the snapshot that never finished (planted: a real checkpoint after the
-    first of two epochs) goes to lost/, whole. Before, the finished trial went to lost/
-    too and another was trained in its place. Then each snapshot file in turn is cut
-    short: the same command refuses in one line and changes nothing."""
+    be training then, or not). The same command keeps that trial as the disk has it: in
+    the report once, finished, its directory byte for byte, no trial trained in its place,
+    the study as the report. A trial directory unknown to the snapshot that never finished
+    (planted: a real checkpoint after the first of two epochs) goes to lost/, whole.
+    Before, the finished trial went to lost/ too and another was trained in its place.
+    Then each snapshot file in turn is cut short: the same command refuses in one line and
+    changes nothing."""
     experiment, report, trials = tmp_path / "runs" / "sweep", tmp_path / "report.csv", 3
     argv = sweep_args(tmp_path, "--trials", str(trials), "--max-epochs", "1",
                       "--test-pairs", "0", "--cpus", "2")
