@@ -58,6 +58,7 @@ class SweepConfig:
     from_experiment: str | None = None
     top: int | None = None  # how many of its front's configs (default 3)
     samples: int | None = None  # training samples per long run
+    extend: bool = False  # go on from the --from checkpoint rather than train its design anew
     fresh: bool = False
 
     @property
@@ -154,6 +155,10 @@ def parse_args(argv: list[str] | None, usage: str) -> SweepConfig:
                       help="training samples per long run, in --max-epochs epochs "
                            f"(default {long_runs.LONG_EPOCHS}); each is scored on the full "
                            "test protocol at the end")
+    long.add_argument("--extend", action="store_true",
+                      help="with --from FILE.pt: go on from the checkpoint (weights, "
+                           "optimizer, step, stream of pairs) to --samples in all, in epochs "
+                           "of its size, its schedule stretched to the new end")
     p.add_argument("--fresh", action="store_true",
                    help="start over; the old experiment is moved aside, not deleted")
     args = p.parse_args(argv)
@@ -166,7 +171,12 @@ def parse_args(argv: list[str] | None, usage: str) -> SweepConfig:
         if args.study_storage:
             raise UsageError("--study-storage does not go with --from: long runs search "
                              "nothing, so they keep no study")
-        args.samples_per_epoch = math.ceil((args.samples or 1) / args.max_epochs)
+        if args.extend and args.samples:
+            extension_budget(args)
+        else:
+            args.max_epochs = args.max_epochs or long_runs.LONG_EPOCHS
+            args.val_pairs = args.val_pairs or long_runs.LONG_VAL_PAIRS
+            args.samples_per_epoch = math.ceil((args.samples or 1) / args.max_epochs)
     if args.gpus is None:  # a joined cluster counts its own GPUs (--address)
         args.gpus = 0 if args.address else machine_gpus()
     val_pairs, test_pairs = scoring_pairs(args.samples_per_epoch, args.max_epochs)
@@ -180,6 +190,20 @@ def parse_args(argv: list[str] | None, usage: str) -> SweepConfig:
         config = replace(config, trials=long_run_count(config))
     return config
 
+
+def extension_budget(args: argparse.Namespace) -> None:
+    """--extend: the epochs' size and count and the validation pairs come from the
+    checkpoint (a longer run of it keeps them), so giving them is refused."""
+    if not long_runs.is_checkpoint(args.from_experiment):
+        raise UsageError("--extend goes on from a checkpoint: give --from FILE.pt")
+    if args.max_epochs is not None or args.val_pairs is not None:
+        raise UsageError("--max-epochs and --val-pairs do not go with --extend: a longer run "
+                         "keeps its checkpoint's epoch size and validation pairs")
+    try:
+        args.max_epochs, args.samples_per_epoch, args.val_pairs = long_runs.extension_budget(
+            args.from_experiment, args.samples)
+    except long_runs.SourceError as e:
+        raise UsageError(f"--from {e}") from None
 
 
 def machine_gpus() -> int:
@@ -211,7 +235,8 @@ def long_run_count(c: SweepConfig) -> int:
 
 def long_run_configs(c: SweepConfig) -> list[dict]:
     return long_runs.front_configs(c.from_experiment, c.top, c.max_params or None,
-                                   c.samples, c.max_epochs, c.val_pairs, c.test_pairs)
+                                   c.samples, c.max_epochs, c.val_pairs, c.test_pairs,
+                                   c.extend)
 
 
 def scoring_pairs(samples_per_epoch: int, max_epochs: int) -> tuple[int, int]:
@@ -240,6 +265,8 @@ def check(c: SweepConfig) -> None:
     """Cross-flag checks argparse cannot do alone."""
     if not c.from_experiment and (c.top or c.samples):
         raise UsageError("--top and --samples choose long runs; give --from EXPERIMENT too")
+    if c.extend and not c.from_experiment:
+        raise UsageError("--extend goes on from a checkpoint: give --from FILE.pt")
     if c.from_experiment and not c.samples:
         raise UsageError("--from needs --samples: how many samples each long run trains on")
     if c.from_experiment and c.from_experiment.rstrip("/") == c.experiment_uri.rstrip("/"):

@@ -13,6 +13,14 @@ configs are chosen, the point is their score.
 
 trains one checkpoint's design (the config it trained with) the same way: a design found
 outside a sweep, or one to train longer than it was, as a sweep of one trial.
+
+    python sweep/run.py --from runs/x-long/trial_.../checkpoint_000005/checkpoint.pt \
+        --extend --samples 28000000 --name x-longer
+
+goes on from the checkpoint instead (its weights, optimizer, step and stream of pairs), as
+a longer run of it: epochs of its size up to --samples in all, its schedule stretched to
+the new end. For a long run whose forecast says it needs more samples than it was given:
+extended early, its learning rate barely moves.
 """
 
 from __future__ import annotations
@@ -40,16 +48,35 @@ def defaults(source: str) -> dict:
     """The flags' defaults (config.py) for long runs from `source`, where they differ
     from a sweep's. A checkpoint's long run is named after its folder."""
     path = PurePosixPath(source.rstrip("/"))
+    # max_epochs and val_pairs: LONG_EPOCHS and LONG_VAL_PAIRS, or a checkpoint's own with
+    # --extend (config.py), where giving them is refused; samples_per_epoch from --samples.
     return {"name": f"{(path.parent if is_checkpoint(source) else path).name}-long", "top": 3,
-            "max_epochs": LONG_EPOCHS, "max_params": 0, "early_stop": False,
-            "warm_start": False, "val_pairs": LONG_VAL_PAIRS, "test_pairs": TEST_PAIRS,
-            "samples_per_epoch": None}  # from --samples: given, it is refused
+            "max_epochs": None, "max_params": 0, "early_stop": False,
+            "warm_start": False, "val_pairs": None, "test_pairs": TEST_PAIRS,
+            "samples_per_epoch": None}
+
+
+def extension_budget(source: str, samples: int) -> tuple[int, int, int]:
+    """A longer run of a checkpoint (--extend): (epochs, samples per epoch, val pairs). Its
+    epochs keep their size, so `samples` sets their count, and its validation its pairs."""
+    from sweep.train import TrainConfig
+
+    state = load(source)
+    cfg = TrainConfig(**{k: v for k, v in state["train_config"].items()
+                         if k in TrainConfig.__dataclass_fields__})
+    epochs = math.ceil(samples / cfg.epoch_samples)
+    if epochs <= state["epoch"]:
+        raise SourceError(f"{source} has trained {state['epoch'] * cfg.epoch_samples:,} "
+                          f"samples already ({state['epoch']} epochs); --samples {samples:,} "
+                          "would train none more")
+    return epochs, cfg.samples_per_epoch, cfg.val_pairs
 
 
 def front_configs(source: str, top: int, max_params: int | None, samples: int, epochs: int,
-                  val_pairs: int, test_pairs: int) -> list[dict]:
+                  val_pairs: int, test_pairs: int, extend: bool = False) -> list[dict]:
     """The long runs' configs: the chosen trials' configs with the long budget (or the
-    checkpoint's config, if within max_params)."""
+    checkpoint's config, if within max_params; with `extend`, as a longer run of it:
+    `epochs` from extension_budget)."""
     from model.unet import params_of
     from sweep import storage
     from sweep.report import load_trials
@@ -61,6 +88,8 @@ def front_configs(source: str, top: int, max_params: int | None, samples: int, e
         if max_params is not None and params > max_params:
             raise SourceError(f"{source}: its design has {params:,} parameters, over "
                               f"--max-params {max_params:,}")
+        if extend:
+            return [{**config, "epochs": epochs, "test_pairs": test_pairs, "extends": source}]
         return [long_config(config, samples, epochs, val_pairs, test_pairs)]
 
     try:
@@ -82,15 +111,21 @@ def front_configs(source: str, top: int, max_params: int | None, samples: int, e
 def checkpoint_config(source: str) -> dict:
     """The config a checkpoint (a local file) trained with, as a trial's config: its model
     and training fields, without those that only say how that run ran (threads, device)."""
-    from sweep.checkpoint import CheckpointError, load_checkpoint
     from sweep.train import RUNTIME_FIELDS
 
-    try:
-        state = load_checkpoint(Path(source))
-    except CheckpointError as e:
-        raise SourceError(str(e)) from None
+    state = load(source)
     train = {k: v for k, v in state["train_config"].items() if k not in RUNTIME_FIELDS}
     return {**state["model_config"], **train}
+
+
+def load(source: str) -> dict:
+    """A checkpoint file's state, or SourceError naming what is wrong with it."""
+    from sweep.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(Path(source))
+    except CheckpointError as e:
+        raise SourceError(str(e)) from None
 
 
 def pick_front(trials, top: int, max_params: int | None) -> list:

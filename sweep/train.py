@@ -63,8 +63,9 @@ LOSSES = ("mse", "l1")
 SWITCHES = ("auto", "on", "off")
 # Fields that change how a trial runs, not which run it is: free to differ on resume. The
 # device's kind may not (check_resumable); a precision that differs is said (precision_note).
+# `extends` too: the checkpoint a longer run began from says where it came from, not what it is.
 RUNTIME_FIELDS = {"threads", "device", "compile", "compile_step", "test_pairs", "precision",
-                  "channels_last"}
+                  "channels_last", "extends"}
 # The recipe's fields, and what every run trained with before they existed (2026-12-03):
 # a trial's config or a checkpoint that names no optimizer is from then, and goes on so.
 RECIPE_FIELDS = ("optimizer", "schedule", "muon_lr", "muon_momentum", "muon_ns_steps")
@@ -105,6 +106,9 @@ class TrainConfig:
     compile_step: bool = False
     device: str = "auto"  # auto: cuda if torch sees one, else cpu
     threads: int = 0  # torch CPU threads; 0 = torch's default (a sweep sets its CPU share)
+    # A checkpoint this run goes on from, as a longer run of it (as_longer_run); "": none.
+    # Set by sweep/run.py --extend, not a flag of this CLI.
+    extends: str = ""
 
     def __post_init__(self) -> None:
         positive = ("epochs", "samples_per_epoch", "batch_size", "val_pairs")
@@ -267,6 +271,31 @@ def check_resumable(state: dict, model_cfg: UNetConfig, cfg: TrainConfig,
                           f"(--device {trained_on})")
 
 
+def as_longer_run(state: dict, cfg: TrainConfig) -> dict:
+    """A checkpoint as the start of a longer run of its config: `cfg`, the same but for
+    more epochs of the same size. Training goes on from its weights, optimizer, step and
+    stream of pairs; the schedule stretches over the new length, so the learning rate at
+    this step rises to where the longer schedule has it (a little, if the run is extended
+    early; from zero back up, if its schedule has ended)."""
+    saved = with_recipe(state["train_config"])
+    if (saved["samples_per_epoch"], saved["batch_size"]) != (cfg.samples_per_epoch,
+                                                             cfg.batch_size):
+        raise ConfigError(f"a longer run keeps the checkpoint's epochs of "
+                          f"{saved['samples_per_epoch']:,} samples in batches of "
+                          f"{saved['batch_size']}")
+    if state["metrics"].get("status") == "diverged":
+        raise ConfigError(f"the checkpoint diverged at epoch {state['epoch']}")
+    if cfg.epochs <= state["epoch"]:
+        raise ConfigError(f"the checkpoint has trained {state['epoch']} epochs already; a "
+                          f"longer run needs more than that, not {cfg.epochs}")
+    schedule = dict(state["schedule"])
+    if "T_max" in schedule:  # torch's cosine keeps its length; LambdaLR's comes from cfg
+        schedule["T_max"] = cfg.epochs * cfg.steps_per_epoch
+    return {**state, "schedule": schedule,
+            "train_config": {**state["train_config"], "epochs": cfg.epochs},
+            "metrics": {**state["metrics"], "status": "running"}}
+
+
 def device_kind(state: dict) -> str:
     """The kind of device a checkpoint trained on: "cpu" or "cuda"."""
     return state.get("fast_path", {}).get("device", "cpu")  # older ones: CPU only
@@ -363,6 +392,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for cls, title in ((UNetConfig, "model (overrides the preset)"), (TrainConfig, "training")):
         group = parser.add_argument_group(title)
         for f in fields(cls):
+            if f.name == "extends":  # the sweep's --extend; this CLI resumes only its own
+                continue
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
@@ -375,8 +406,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def configs_from_args(args: argparse.Namespace) -> tuple[UNetConfig, TrainConfig]:
     model_overrides = {f.name: getattr(args, f.name) for f in fields(UNetConfig)
                        if getattr(args, f.name) is not None}
-    train_values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                    if getattr(args, f.name) is not None}
+    train_values = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)
+                    if getattr(args, f.name, None) is not None}
     return preset(args.preset, **model_overrides), TrainConfig(**train_values)
 
 

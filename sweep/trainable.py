@@ -22,7 +22,14 @@ from sweep import storage
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import FastPath
 from sweep.scoring import separation_rows
-from sweep.train import TrainConfig, device_kind, precision_note, run_trial, split_config
+from sweep.train import (
+    TrainConfig,
+    as_longer_run,
+    device_kind,
+    precision_note,
+    run_trial,
+    split_config,
+)
 
 
 def trial_dir_name(trial_id: str) -> str:
@@ -149,6 +156,13 @@ def train_trial(config: dict, trial_uri: str, gpus_given: float = 0) -> None:
 
     trial_dir = storage.download(trial_uri, "checkpoint_*")
     resume, resume_file, note = newest_good_checkpoint(trial_dir)
+    if resume is None and cfg.extends:  # a longer run of a checkpoint: it starts there
+        try:
+            resume = as_longer_run(load_checkpoint(Path(cfg.extends)), cfg)
+        except (CheckpointError, ConfigError) as e:
+            end_with_error(f"cannot go on from {cfg.extends}: {e}")
+            return
+        note = f"goes on from {cfg.extends} (epoch {resume['epoch']})"
     try:
         fast, moved = fast_path_to_resume(cfg.fast_path(), cfg, resume)
     except ConfigError as e:

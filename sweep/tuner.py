@@ -137,7 +137,9 @@ def long_run_search(c: SweepConfig):
     from ray.tune.search import BasicVariantGenerator
 
     configs = long_run_configs(c)
-    what = (f"the design of {c.from_experiment}" if long_runs.is_checkpoint(c.from_experiment)
+    what = (f"{c.from_experiment}, extended" if c.extend
+            else f"the design of {c.from_experiment}"
+            if long_runs.is_checkpoint(c.from_experiment)
             else f"{len(configs)} configs of {c.from_experiment}'s front")
     print(f"long runs of {what}, {c.samples:,} samples each")
     keys = dict.fromkeys(k for config in configs for k in config)

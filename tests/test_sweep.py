@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -167,6 +168,64 @@ def test_a_long_run_from_a_checkpoint_trains_its_design(tmp_path, capsys, source
         assert run.main(base + argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and phrase in err, (argv, err)
+
+
+def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
+        tmp_path, capsys, sources):
+    """--from FILE.pt --extend --samples N: one trial that begins at the checkpoint's epoch,
+    from its state, and trains epochs of its size up to N samples, the linear schedule
+    stretched to the new end: the very weights of the checkpoint resumed by hand under the
+    longer config. The same command again trains nothing; what cannot be extended is
+    refused in one line."""
+    import torch
+
+    from sweep.checkpoint import save_checkpoint
+    from sweep.train import as_longer_run, run_trial
+    from sweep.trainable import newest_good_checkpoint
+
+    model_cfg = UNetConfig(base_filters=8, depth=1)
+    cfg = TrainConfig(epochs=2, samples_per_epoch=64, val_pairs=20, schedule="linear")
+    _, state, _ = next(run_trial(model_cfg, cfg, sources, cfg.fast_path()))  # 1 epoch of 2
+    source = tmp_path / "2026-12-03-tiny" / "checkpoint.pt"
+    source.parent.mkdir()
+    save_checkpoint(state, source)
+    where = ["--test-pairs", "50", "--storage", str(tmp_path / "runs"),
+             "--report", str(tmp_path / "r.csv"), "--cpus", "1"]
+    argv = ["--from", str(source), "--extend", "--samples", "256", "--name", "longer", *where]
+    assert run.main(argv) == 0
+    assert f"long runs of {source}, extended" in capsys.readouterr().out
+    experiment = tmp_path / "runs" / "longer"
+    [rows] = results(experiment).values()
+    assert [r["epoch"] for r in rows] == [2, 3, 4] and rows[-1]["status"] == "finished"
+    # Linear to 0 over 4 epochs now: half the peak after epoch 2 (the checkpoint's own
+    # schedule would have ended there), a quarter after epoch 3.
+    peak = state["optimizer"]["param_groups"][0]["initial_lr"]
+    assert [r["lr"] for r in rows] == pytest.approx([peak / 2, peak / 4, 0])
+    assert rows[0]["train_seconds"] > state["train_seconds"]  # its clock goes on too
+
+    [trial_dir] = experiment.glob("trial_*")
+    final, _, _ = newest_good_checkpoint(trial_dir)
+    longer = replace(cfg, epochs=4, test_pairs=50)
+    *_, (_, by_hand, _) = run_trial(model_cfg, longer, sources, longer.fast_path(),
+                                    as_longer_run(state, longer))
+    assert final["epoch"] == by_hand["epoch"] == 4
+    assert all(torch.equal(final["model"][k], by_hand["model"][k]) for k in by_hand["model"])
+    assert final["train_config"]["extends"] == str(source)
+
+    before = results(experiment)
+    assert run.main(argv) == 0 and results(experiment) == before
+
+    cases = [(["--extend"], "--extend goes on from a checkpoint"),
+             (["--from", str(experiment), "--extend", "--samples", "256"],
+              "--extend goes on from a checkpoint"),
+             (["--from", str(source), "--extend", "--samples", "64"],
+              "has trained 64 samples already (1 epochs)"),
+             (["--from", str(source), "--extend", "--samples", "256", "--max-epochs", "8"],
+              "--max-epochs and --val-pairs do not go with --extend")]
+    for extra, phrase in cases:
+        assert run.main([*extra, "--name", "other", *where]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and phrase in err, (extra, err)
 
 
 def test_default_scoring_sets_grow_with_the_trial_up_to_the_task_sizes():
