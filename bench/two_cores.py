@@ -25,9 +25,11 @@ fails. The last line, `two_cores: ddp/threads=X`, is the ratio of the first two.
 from __future__ import annotations
 
 import argparse
-import socket
+import os
+import queue
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -50,27 +52,21 @@ from sweep.train import build_trial
 WARM_UP_STEPS = 10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_for(rank: int, args: argparse.Namespace, batch_size: int, threads: int,
-              port: int | None, results) -> None:
+              store: str | None, results) -> None:
     """One process: train for args.seconds; put (rank, samples, seconds, whether the
     ranks' weights agree) on results.
-    With a port, one of a data-parallel pair: every step goes on while rank 0's clock
-    says so (both ranks must take the same number of steps, or one waits forever)."""
+    With a store (the pair's rendezvous), one of a data-parallel pair: every step goes on
+    while rank 0's clock says so (both ranks must take the same number of steps, or one
+    waits forever)."""
     torch.set_num_threads(threads)
     model_cfg, cfg = configs(args.preset, args.model, args.recipe)
     cfg = replace(cfg, batch_size=batch_size, seed=cfg.seed + rank, threads=0)
     fast = cfg.fast_path()
     sources = load_sources(fast.device)
     trial = build_trial(model_cfg, cfg, fast)
-    if port:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=2)
+    if store:
+        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
         # DDP copies rank 0's weights to rank 1 and averages gradients in backward.
         trial.model = torch.nn.parallel.DistributedDataParallel(trial.model)
     trial.model.train()
@@ -78,14 +74,21 @@ def train_for(rank: int, args: argparse.Namespace, batch_size: int, threads: int
     for _ in range(WARM_UP_STEPS):
         step()
     steps, start = 0, time.perf_counter()
-    while going(time.perf_counter() - start < args.seconds, port):
+    while going(time.perf_counter() - start < args.seconds, bool(store)):
         loss = step()
         steps += 1
     loss.item()
     seconds = time.perf_counter() - start
-    results.put((rank, steps * batch_size, seconds, port is None or same_weights(trial.model)))
-    if port:
+    results.put((rank, steps * batch_size, seconds, not store or same_weights(trial.model)))
+    if store:
         dist.destroy_process_group()
+        # Freeing the DDP model frees its gloo process group, whose destructor joins gloo's
+        # worker thread while holding the GIL; that thread may still need the GIL to free
+        # its last work's tensors: now and then a deadlock at exit, and the bench waited
+        # for ever (pytorch/pytorch#56297). The result is out: leave without destructors.
+        results.close()
+        results.join_thread()
+        os._exit(0)
 
 
 def same_weights(model: torch.nn.Module) -> bool:
@@ -96,8 +99,8 @@ def same_weights(model: torch.nn.Module) -> bool:
     return torch.equal(theirs[0], theirs[1])
 
 
-def going(mine: bool, port: int | None) -> bool:
-    if not port:
+def going(mine: bool, distributed: bool) -> bool:
+    if not distributed:
         return mine
     flag = torch.tensor([int(mine)])
     dist.broadcast(flag, src=0)
@@ -108,27 +111,45 @@ def run_way(way: str, args: argparse.Namespace) -> float:
     """Total samples/s over the way's processes."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    if way == "two threads":
-        plan = [(0, args.batch_size, 2, None)]
-    elif way == "ddp 2x1":
-        port = free_port()
-        plan = [(rank, args.batch_size // 2, 1, port) for rank in (0, 1)]
-    else:  # two runs
-        plan = [(rank, args.batch_size, 1, None) for rank in (0, 1)]
-    procs = [ctx.Process(target=train_for, args=(rank, args, batch, threads, port, results))
-             for rank, batch, threads, port in plan]
-    for p in procs:
-        p.start()
-    got = [results.get() for _ in procs]
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"{way}: a process failed (exit {p.exitcode})")
+    with tempfile.TemporaryDirectory() as rendezvous:
+        # The pair meets in a file, not on a TCP port: a free port picked here could be
+        # taken by another process (a test's Ray, say) before rank 0 binds it.
+        store = f"file://{rendezvous}/store"
+        if way == "two threads":
+            plan = [(0, args.batch_size, 2, None)]
+        elif way == "ddp 2x1":
+            plan = [(rank, args.batch_size // 2, 1, store) for rank in (0, 1)]
+        else:  # two runs
+            plan = [(rank, args.batch_size, 1, None) for rank in (0, 1)]
+        procs = [ctx.Process(target=train_for, args=(rank, args, batch, threads, at, results))
+                 for rank, batch, threads, at in plan]
+        for p in procs:
+            p.start()
+        got = collect(results, procs, way)
     if not all(same for *_, same in got):
         raise RuntimeError(f"{way}: the two ranks' weights differ after training")
     if way == "two runs":  # independent clocks: each run's own rate
         return sum(samples / seconds for _, samples, seconds, _ in got)
     return sum(samples for _, samples, *_ in got) / max(seconds for _, _, seconds, _ in got)
+
+
+def collect(results, procs: list, way: str) -> list[tuple]:
+    """Each process's result, then each joined. One that dies first is an error at once,
+    not a wait for ever (its data-parallel partner would wait too: it is killed)."""
+    got = []
+    while len(got) < len(procs):
+        try:
+            got.append(results.get(timeout=1))
+        except queue.Empty:
+            if failed := [p.exitcode for p in procs if p.exitcode not in (None, 0)]:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"{way}: a process failed (exit {failed[0]})") from None
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"{way}: a process failed (exit {p.exitcode})")
+    return got
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -264,3 +264,30 @@ def test_two_cores_dry_run_trains_both_ways_and_the_data_parallel_ranks_agree() 
     assert set(rates) == {"two threads", "ddp 2x1", "two runs"}
     assert all(float(rate) > 0 for rate in rates.values())
     assert re.search(r"^two_cores: ddp/threads=[\d.]+$", result.stdout, re.MULTILINE)
+
+
+def test_two_cores_a_process_that_dies_is_an_error_at_once_and_its_partner_is_killed():
+    """A rank that dies before its result (as one whose rendezvous failed did: its
+    partner, and the bench, then waited for ever): the bench fails within seconds, and
+    the other process, which would wait on the dead one, is killed."""
+    import multiprocessing
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.two_cores import collect
+
+    ctx = multiprocessing.get_context("spawn")
+    dies = ctx.Process(target=sys.exit, args=(3,))
+    waits = ctx.Process(target=time.sleep, args=(600,))
+    for p in (dies, waits):
+        p.start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            collecting = pool.submit(collect, ctx.Queue(), [dies, waits], "ddp 2x1")
+            with pytest.raises(RuntimeError, match=r"ddp 2x1: a process failed \(exit 3\)"):
+                collecting.result(timeout=60)  # a TimeoutError here: it waited on
+        waits.join(timeout=10)
+        assert waits.exitcode == -signal.SIGKILL
+    finally:
+        waits.kill()
