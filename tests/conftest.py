@@ -22,6 +22,11 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$UNET_SWEEP_CACHE -> a session cache, filled once from the real sources.
 
     Matplotlib's font cache (evaluate.py draws a PNG) goes to the session too, not ~/.cache.
+    Every Ray the tests start (in process, in a driver they start, a test cluster's nodes)
+    starts no idle workers ahead of its first driver: Tune's trials never take them (they
+    are started afresh for the trials' actors, and the idle ones killed as they come), so
+    each of the suite's ~40 Ray start-ups spent a worker's start-up per CPU, up to two, on
+    nothing, on the 2 cores its own start-up needs.
     """
     cache = tmp_path_factory.mktemp("unet-sweep-cache")
     load_mnist(cache_dir=cache)
@@ -29,6 +34,7 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("UNET_SWEEP_CACHE", str(cache))
         mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+        mp.setenv("RAY_prestart_worker_first_driver", "0")
         yield cache
 
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 from test_study import check_study_matches_report, stored_trials
-from test_sweep import REPO, results, sweep_args
+from test_sweep import REPO, every_trial_the_warm_start, results, sweep_args
 
 from model.unet import ConfigError, params_of, preset
 from sweep import cluster, config, run, trainable, tuner
@@ -520,7 +520,7 @@ def newest_epoch_on_disk(trial_dir: Path) -> int:
 
 
 def test_killed_worker_is_retried_from_its_newest_good_checkpoint_then_given_up(
-        tmp_path, capsys):
+        tmp_path, capsys, monkeypatch):
     """One trial's worker is SIGKILLed mid-epoch three times: the first retry continues from
     its newest checkpoint; before the second kill its newest checkpoint is truncated, so the
     second retry falls back to the one before and says so; the third kill is one more than
@@ -528,7 +528,10 @@ def test_killed_worker_is_retried_from_its_newest_good_checkpoint_then_given_up(
     experiment = tmp_path / "runs" / "sweep"
     # 10 epochs: the three kills come near epochs 1-4, so the driver may lag behind the
     # worker by several epochs (it did on a loaded CI machine with 4) before the trial
-    # could finish unkilled.
+    # could finish unkilled. Both trials train the warm start's design, the one the first
+    # to report (the one killed) mostly had: the other's draw took up to 8x as long for
+    # its 10 epochs, the test's end, while the kills were long over.
+    every_trial_the_warm_start(monkeypatch)
     argv = sweep_args(tmp_path, "--trials", "2", "--cpus", "2", "--max-epochs", "10",
                       "--samples-per-epoch", "2048", "--test-pairs", "0", "--no-early-stop",
                       "--time-budget", "300")
