@@ -162,6 +162,8 @@ def parse_args(argv: list[str] | None, usage: str) -> SweepConfig:
     p.add_argument("--fresh", action="store_true",
                    help="start over; the old experiment is moved aside, not deleted")
     args = p.parse_args(argv)
+    if args.extend and not long_runs.is_checkpoint(args.from_experiment or ""):
+        raise UsageError("--extend goes on from a checkpoint: give --from FILE.pt")
     if args.from_experiment:  # other defaults fit a long run: parse again with them
         p.set_defaults(**long_runs.defaults(args.from_experiment))
         args = p.parse_args(argv)
@@ -194,8 +196,6 @@ def parse_args(argv: list[str] | None, usage: str) -> SweepConfig:
 def extension_budget(args: argparse.Namespace) -> None:
     """--extend: the epochs' size and count and the validation pairs come from the
     checkpoint (a longer run of it keeps them), so giving them is refused."""
-    if not long_runs.is_checkpoint(args.from_experiment):
-        raise UsageError("--extend goes on from a checkpoint: give --from FILE.pt")
     if args.max_epochs is not None or args.val_pairs is not None:
         raise UsageError("--max-epochs and --val-pairs do not go with --extend: a longer run "
                          "keeps its checkpoint's epoch size and validation pairs")
@@ -265,8 +265,6 @@ def check(c: SweepConfig) -> None:
     """Cross-flag checks argparse cannot do alone."""
     if not c.from_experiment and (c.top or c.samples):
         raise UsageError("--top and --samples choose long runs; give --from EXPERIMENT too")
-    if c.extend and not c.from_experiment:
-        raise UsageError("--extend goes on from a checkpoint: give --from FILE.pt")
     if c.from_experiment and not c.samples:
         raise UsageError("--from needs --samples: how many samples each long run trains on")
     if c.from_experiment and c.from_experiment.rstrip("/") == c.experiment_uri.rstrip("/"):
