@@ -18,6 +18,10 @@ from test_study import TINY, check_study_matches_report
 from sweep import evaluate, run, study
 from sweep import report as report_cli
 
+# One xdist worker runs this module (`make test` runs two at once): its `killed_sweep`
+# fixture, a module's worth of set-up, then runs once.
+pytestmark = pytest.mark.xdist_group("test_moved")
+
 
 @pytest.fixture(scope="module")
 def killed_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:

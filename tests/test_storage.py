@@ -23,6 +23,10 @@ from sweep import evaluate, run, storage, study
 from sweep import report as report_cli
 from sweep.checkpoint import load_checkpoint
 
+# One xdist worker runs this module (`make test` runs two at once): its `s3`
+# fixture, a module's worth of set-up, then runs once.
+pytestmark = pytest.mark.xdist_group("test_storage")
+
 BUCKET = "sweeps"
 ALLOW_ALL = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Action": "*", "Resource": "*"}]})

@@ -25,6 +25,10 @@ from optuna.trial import TrialState
 from sweep import run, stored_study, study
 from sweep.space import space, start_points
 
+# One xdist worker runs this module (`make test` runs two at once): its `finished_sweep`
+# fixture, a module's worth of set-up, then runs once.
+pytestmark = pytest.mark.xdist_group("test_study")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--samples-per-epoch", "512", "--val-pairs", "100", "--test-pairs", "0",
         "--max-params", "20000", "--max-epochs", "1"]
