@@ -42,3 +42,17 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sources(data_cache: Path) -> Sources:
     """Both datasets, padded and split, on the CPU (from the session cache)."""
     return load_sources("cpu", cache_dir=data_cache)
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs two tests at a time (pytest-xdist, --dist loadgroup); a module whose
+    fixture runs a sweep or a server is one xdist_group, so that it runs once, on one
+    worker. xdist groups by a suffix it writes into each item's nodeid, which pytest 9.2
+    no longer takes (pytest-dev/pytest-xdist#1386): the groups then split silently and
+    those fixtures run on both workers. Refused instead (pyproject.toml pins pytest)."""
+    if config.getoption("dist", "no") == "loadgroup" and pytest.version_tuple[:2] >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} ignores xdist_group marks, so --dist loadgroup "
+            "would split the modules grouped for one worker (pytest-dev/pytest-xdist#1386): "
+            "install pytest<9.2 (`make setup` does)")
