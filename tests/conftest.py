@@ -44,7 +44,6 @@ def sources(data_cache: Path) -> Sources:
     return load_sources("cpu", cache_dir=data_cache)
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """`make test` runs two tests at a time (pytest-xdist, --dist loadgroup); a module whose
     fixture runs a sweep or a server is one xdist_group, so that it runs once, on one
