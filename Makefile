@@ -35,6 +35,8 @@ sweep: data
 # Two tests at a time: most of the suite waits on the processes it starts (Ray, trials, the
 # CLI), so one at a time left the two cores idle two thirds of the time. A module whose
 # fixture runs a sweep or a server is an xdist_group, so that fixture runs once.
+# Three at a time is slower (408 s against 383 s, the cores 3% idle: 2-core AMD EPYC with
+# AVX512-BF16, 2026-12-04): two keep them busy.
 test: data
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=10  # CI: under 12 min
 
