@@ -23,6 +23,7 @@ from sweep import long_runs, run, tuner
 from sweep import report as report_cli
 from sweep.config import SETTINGS_FILE, first_rung, scoring_pairs
 from sweep.experiment import check_same_sweep
+from sweep.progress import epoch_news
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
 from sweep.space import SMALLEST, fit_budget, space, start_points
 from sweep.train import TrainConfig, split_config
@@ -327,6 +328,15 @@ def test_build_report_has_every_column_and_flags_the_front():
     assert list(df.columns) == COLUMNS
     assert df["trial_id"].tolist() == ["a", "b", "c"]
     assert df["pareto"].tolist() == [True, True, False]
+
+
+
+def test_the_progress_line_says_when_a_trial_reaches_its_last_epoch():
+    result = {"epoch": 50, "val_mse": 5.293e-4, "time_this_iter_s": 250.0}
+    assert epoch_news(result, 140) == "epoch 50/140: val_mse 5.293e-04, ~6.2 h to epoch 140"
+    assert epoch_news({**result, "epoch": 138}, 140).endswith(", ~8 min to epoch 140")
+    assert epoch_news({**result, "epoch": 140}, 140) == "epoch 140/140: val_mse 5.293e-04"
+    assert epoch_news({"epoch": 3}, None) == "epoch 3: val_mse nan"  # an old trial's config
 
 
 # --- whole sweeps ----------------------------------------------------------------------------
