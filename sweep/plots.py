@@ -75,7 +75,8 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
     save_png(fig, path)
 
 
-def plot_curve(history: pd.DataFrame, planned_samples: int, path: Path) -> None:
+def plot_curve(history: pd.DataFrame, planned_samples: int, path: Path,
+               title: str = "Learning curve") -> None:
     """A run's val MSE and train loss against samples seen, log-log (a power law is a
     line) up to the samples it is planned for, with the published test scores for scale
     and the run's own test score if it has one."""
@@ -93,7 +94,7 @@ def plot_curve(history: pd.DataFrame, planned_samples: int, path: Path) -> None:
         ax.annotate(f"{label}: {mse:.2e} (test)", (0.01, mse), xycoords=("axes fraction", "data"),
                     xytext=(0, 2), textcoords="offset points", fontsize=7, color="tab:red")
     ax.set(xscale="log", yscale="log", xlabel="training samples seen", ylabel="MSE",
-           title="Learning curve")
+           title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     save_png(fig, path)

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from data.sources import load_mnist
 from model.unet import PRESETS, UNetConfig, params_of, train_flops_per_sample
-from sweep import long_runs, run, tuner
+from sweep import curve, long_runs, run, tuner
 from sweep import report as report_cli
 from sweep.config import SETTINGS_FILE, first_rung, scoring_pairs
 from sweep.experiment import check_same_sweep
@@ -230,6 +231,26 @@ def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
 
     before = results(experiment)
     assert run.main(argv) == 0 and results(experiment) == before
+
+    # Longer again, from epoch 3: its curve runs through both, cut where it went on, and
+    # is drawn the same from a copy of the storage folder elsewhere (a clone).
+    [epoch3] = [r["checkpoint_dir_name"] for r in rows if r["epoch"] == 3]
+    again = ["--from", str(trial_dir / epoch3 / "checkpoint.pt"), "--extend", "--samples",
+             "384", "--name", "longest", *where]
+    assert run.main(again) == 0
+    capsys.readouterr()
+    moved = tmp_path / "clone" / "runs"
+    shutil.copytree(tmp_path / "runs", moved)
+    for storage_dir in (tmp_path / "runs", moved):
+        [longest] = (storage_dir / "longest").glob("trial_*")
+        assert curve.main([str(longest)]) == 0
+        assert "5 epochs (longer -> longest), 384 of 384 samples" in capsys.readouterr().out
+        drawn = pd.read_csv(longest / "curve.csv")
+        assert drawn["epoch"].tolist() == [2, 3, 4, 5, 6]
+        assert drawn["run"].tolist() == ["longer"] * 2 + ["longest"] * 3
+        assert (longest / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert curve.main([str(experiment)]) == 2
+    assert "is not a trial's folder" in capsys.readouterr().err
 
     cases = [(["--extend"], "--extend goes on from a checkpoint"),
              (["--from", str(experiment), "--extend", "--samples", "256"],
