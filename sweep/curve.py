@@ -8,12 +8,19 @@ checkpoint (`--extend`) goes on from another trial's epoch: the curve follows th
 back, so it runs from the first epoch of the first run. A link whose absolute path is gone
 (a clone elsewhere) is looked for in this trial's storage folder, where `--extend` puts
 its experiments beside each other.
+
+    python sweep/curve.py <trial folder> --probes results/2026-12-03-front157k/probes.txt
+
+draws beside it the annealed probes: what `bench/anneal_forecast.py` printed for the run's
+checkpoints, its output kept in a file (each probe's `<checkpoint>: epoch N, ...` line and
+its `annealed_val_mse:` line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +36,9 @@ from sweep.train import split_config
 
 RESULTS_FILE = "result.json"  # Ray Tune's: one JSON line per reported epoch
 COLUMNS = ["epoch", "samples", "val_mse", "train_loss", "lr", "samples_per_s", "run"]
+# anneal_forecast.py's lines: the checkpoint's epoch first, its annealed score last.
+PROBE_EPOCH = re.compile(r"^\S.*: epoch (\d+), val_mse ", re.M)
+PROBE_SCORE = re.compile(r"^annealed_val_mse: (\S+)$", re.M)
 
 
 class CurveError(Exception):
@@ -104,30 +114,58 @@ def chain_history(trial_dir: Path) -> tuple[pd.DataFrame, int]:
     return pd.concat(parts[::-1], ignore_index=True), planned
 
 
+def probe_scores(text: str) -> list[tuple[int, float]]:
+    """(epoch, annealed val MSE) of each probe in anneal_forecast.py's output: a score
+    belongs to the nearest epoch line above it; a probe cut short has none."""
+    epochs = [(m.start(), int(m.group(1))) for m in PROBE_EPOCH.finditer(text)]
+    scores = []
+    for m in PROBE_SCORE.finditer(text):
+        above = [epoch for at, epoch in epochs if at < m.start()]
+        if above:
+            scores.append((above[-1], float(m.group(1))))
+    return scores
+
+
+def annealed_points(path: Path, history: pd.DataFrame) -> pd.DataFrame:
+    """The probes of the epochs on the curve, at their samples."""
+    try:
+        scores = probe_scores(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CurveError(f"--probes {path}: {e}") from None
+    samples = dict(zip(history["epoch"], history["samples"], strict=True))
+    return pd.DataFrame([{"samples": samples[e], "val_mse": v} for e, v in scores
+                         if e in samples], columns=["samples", "val_mse"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("trial", type=Path, help="a trial's folder: <storage>/<name>/trial_...")
     parser.add_argument("--out", type=Path, help="the PNG; default curve.png in the trial")
+    parser.add_argument("--probes", type=Path,
+                        help="bench/anneal_forecast.py's output for the run's checkpoints")
     args = parser.parse_args(argv)
     out = args.out or args.trial / "curve.png"
     try:
         history, planned = chain_history(args.trial)
+        if history.empty:
+            raise CurveError(f"{args.trial} has reported no epoch yet")
+        annealed = annealed_points(args.probes, history) if args.probes else None
     except CurveError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if history.empty:
-        print(f"error: {args.trial} has reported no epoch yet", file=sys.stderr)
         return 2
     try:
         write_csv(history, out.with_suffix(".csv"))
         runs = " -> ".join(dict.fromkeys(history["run"]))
-        plot_curve(history, planned, out, title=f"{args.trial.resolve().parent.parent.name}: "
-                                                f"{runs}")
+        trial = args.trial.resolve()
+        title = f"{trial.parent.parent.name}/{trial.parent.name}, and the runs before it" \
+            if history["run"].nunique() > 1 else f"{trial.parent.parent.name}/{trial.parent.name}"
+        plot_curve(history, planned, out, title=title, annealed=annealed)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{len(history)} epochs ({runs}), {history['samples'].iloc[-1]:,} of {planned:,} "
-          f"samples -> {out}")
+    probes = f", annealed probes: {len(annealed)}" if annealed is not None else ""
+    print(f"{len(history)} epochs ({runs}){probes}, {history['samples'].iloc[-1]:,} of "
+          f"{planned:,} samples -> {out}")
     return 0
 
 

@@ -76,10 +76,11 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
 
 
 def plot_curve(history: pd.DataFrame, planned_samples: int, path: Path,
-               title: str = "Learning curve") -> None:
+               title: str = "Learning curve", annealed: pd.DataFrame | None = None) -> None:
     """A run's val MSE and train loss against samples seen, log-log (a power law is a
     line) up to the samples it is planned for, with the published test scores for scale
-    and the run's own test score if it has one."""
+    and the run's own test score if it has one; `annealed` (samples, val_mse): the
+    scores of its checkpoints with the learning rate brought down (anneal_forecast.py)."""
     fig, ax = new_figure()
     ax.set_xlim(history["samples"].min() / 1.3, planned_samples * 1.3)
     ax.plot(history["samples"], history["train_loss"], c="tab:gray", lw=1, label="train loss")
@@ -89,10 +90,16 @@ def plot_curve(history: pd.DataFrame, planned_samples: int, path: Path,
         tested = history[history["test_mse_mean"].notna()]
         ax.scatter(tested["samples"], tested["test_mse_mean"], marker="x", s=60, c="tab:green",
                    zorder=3, label="test MSE")
-    for label, _, mse in PUBLISHED:
+    if annealed is not None and len(annealed):
+        ax.scatter(annealed["samples"], annealed["val_mse"], marker="D", s=22, c="tab:orange",
+                   zorder=3, label="val MSE, learning rate annealed (probe)")
+    # Several published scores lie within 5% of each other: their labels take turns, left
+    # and right, so that none covers another.
+    for i, (label, _, mse) in enumerate(sorted(PUBLISHED, key=lambda p: p[2])):
         ax.axhline(mse, c="tab:red", lw=0.8, ls="--", alpha=0.6)
-        ax.annotate(f"{label}: {mse:.2e} (test)", (0.01, mse), xycoords=("axes fraction", "data"),
-                    xytext=(0, 2), textcoords="offset points", fontsize=7, color="tab:red")
+        ax.annotate(f"{label}: {mse:.2e} (test)", (0.01 + 0.5 * (i % 2), mse),
+                    xycoords=("axes fraction", "data"), xytext=(0, 2),
+                    textcoords="offset points", fontsize=7, color="tab:red")
     ax.set(xscale="log", yscale="log", xlabel="training samples seen", ylabel="MSE",
            title=title)
     ax.grid(True, which="both", alpha=0.3)

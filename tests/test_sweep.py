@@ -252,6 +252,21 @@ def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
     assert curve.main([str(experiment)]) == 2
     assert "is not a trial's folder" in capsys.readouterr().err
 
+    # The annealed probe of epoch 3, as anneal_forecast.py prints it, then one cut short.
+    probe = subprocess.run([sys.executable, str(REPO / "bench" / "anneal_forecast.py"),
+                            str(trial_dir / epoch3 / "checkpoint.pt"), "--samples", "64",
+                            "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    [score] = [float(line.split()[1]) for line in probe.stdout.splitlines()
+               if line.startswith("annealed_val_mse: ")]
+    probes = tmp_path / "probes.txt"
+    probes.write_text(f"{probe.stdout}== killed\n{trial_dir / epoch3}: epoch 3, val_mse 1e-3\n")
+    assert curve.probe_scores(probes.read_text()) == [(3, score)]
+    assert curve.main([str(longest), "--probes", str(probes)]) == 0
+    assert "5 epochs (longer -> longest), annealed probes: 1" in capsys.readouterr().out
+    assert curve.main([str(longest), "--probes", str(tmp_path / "gone.txt")]) == 2
+    assert "--probes" in capsys.readouterr().err
+
     cases = [(["--extend"], "--extend goes on from a checkpoint"),
              (["--from", str(experiment), "--extend", "--samples", "256"],
               "--extend goes on from a checkpoint"),
