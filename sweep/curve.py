@@ -153,19 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     except CurveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    runs = list(dict.fromkeys(history["run"]))
+    trial = args.trial.resolve()
+    title = f"{trial.parent.parent.name}/{trial.parent.name}"
+    if len(runs) > 1:
+        title += ", and the runs before it"
     try:
         write_csv(history, out.with_suffix(".csv"))
-        runs = " -> ".join(dict.fromkeys(history["run"]))
-        trial = args.trial.resolve()
-        title = f"{trial.parent.parent.name}/{trial.parent.name}, and the runs before it" \
-            if history["run"].nunique() > 1 else f"{trial.parent.parent.name}/{trial.parent.name}"
         plot_curve(history, planned, out, title=title, annealed=annealed)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     probes = f", annealed probes: {len(annealed)}" if annealed is not None else ""
-    print(f"{len(history)} epochs ({runs}){probes}, {history['samples'].iloc[-1]:,} of "
-          f"{planned:,} samples -> {out}")
+    print(f"{len(history)} epochs ({' -> '.join(runs)}){probes}, "
+          f"{history['samples'].iloc[-1]:,} of {planned:,} samples -> {out}")
     return 0
 
 
