@@ -88,10 +88,9 @@ def chain_history(trial_dir: Path) -> tuple[pd.DataFrame, int]:
     if not (trial_dir / "params.json").is_file():
         raise CurveError(f"{trial_dir} is not a trial's folder (no params.json in it); give "
                          "one: <storage>/<name>/trial_...")
-    parts, planned, seen = [], None, set()
+    parts, planned = [], None
     cut = None  # the checkpoint the later run went on from: the source's epochs end there
-    while trial_dir is not None and trial_dir.resolve() not in seen:
-        seen.add(trial_dir.resolve())
+    while trial_dir is not None:  # each link points to an earlier trial: no cycle
         try:
             config = json.loads((trial_dir / "params.json").read_text())
             _, cfg = split_config(config)
