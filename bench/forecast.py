@@ -37,6 +37,7 @@ import pandas as pd
 
 from model.unet import UNetConfig
 from sweep.checkpoint import CheckpointError, load_checkpoint, samples_trained
+from sweep.curve import CurveError, chain_history
 from sweep.plots import new_figure, save_png
 from sweep.scoring import TEST_PAIRS
 
@@ -58,18 +59,16 @@ class RunEnd:
     curve: pd.DataFrame = field(compare=False)  # samples, val_mse per epoch
 
 
-def learning_curve(path: Path, state: dict, samples_per_epoch: int) -> pd.DataFrame:
+def learning_curve(path: Path, state: dict) -> pd.DataFrame:
     """Per epoch: samples seen and val MSE, from train.py's checkpoint history or, for a
-    sweep trial's checkpoint, its trial's result.json (JSON lines: Tune's progress.csv
-    keeps the first header, and a resumed trial's rows carry one more column)."""
+    sweep trial's checkpoint, its trial's reports and those of the runs it went on from."""
     if state.get("history"):
         return pd.DataFrame(state["history"])[["samples", "val_mse"]]
-    results = path.parent.parent / "result.json"
-    if not results.exists():
+    try:
+        history, _ = chain_history(path.parent.parent)
+    except CurveError:  # a checkpoint copied out of its trial: no curve, only its end
         return pd.DataFrame({"samples": [], "val_mse": []})
-    df = pd.read_json(results, lines=True).drop_duplicates("epoch", keep="last")
-    df = df.sort_values("epoch")
-    return pd.DataFrame({"samples": df["epoch"] * samples_per_epoch, "val_mse": df["val_mse"]})
+    return history[["samples", "val_mse"]]
 
 
 def run_end(path: Path) -> RunEnd | None:
@@ -83,7 +82,7 @@ def run_end(path: Path) -> RunEnd | None:
                   samples_trained(state), float(metrics["val_mse"]),
                   float(metrics["test_mse_mean"]) if full else None,
                   float(metrics["samples_per_s"]),
-                  learning_curve(path, state, train["samples_per_epoch"]))
+                  learning_curve(path, state))
 
 
 def fit_power_law(samples: list[int], mse: list[float]) -> tuple[float, float]:
