@@ -196,7 +196,8 @@ def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
     refused in one line."""
     import torch
 
-    from sweep.checkpoint import save_checkpoint
+    from bench import forecast
+    from sweep.checkpoint import load_checkpoint, save_checkpoint
     from sweep.train import as_longer_run, run_trial
     from sweep.trainable import newest_good_checkpoint
 
@@ -249,6 +250,10 @@ def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
         assert drawn["epoch"].tolist() == [2, 3, 4, 5, 6]
         assert drawn["run"].tolist() == ["longer"] * 2 + ["longest"] * 3
         assert (longest / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    # bench/forecast.py reads a finished trial's curve the same way, the source's epochs in.
+    final_path = sorted(longest.glob("checkpoint_*"))[-1] / "checkpoint.pt"
+    assert forecast.learning_curve(final_path, load_checkpoint(final_path))["samples"].tolist() \
+        == drawn["samples"].tolist()
     assert curve.main([str(experiment)]) == 2
     assert "is not a trial's folder" in capsys.readouterr().err
 
