@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.checkpoints:
         try:
             end = run_end(path)
-        except (CheckpointError, KeyError) as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
+        except CheckpointError as e:  # its message names the file
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyError as e:
+            print(f"error: {path}: no {e} in it", file=sys.stderr)
             return 2
         if end is None:
             print(f"{path}: its schedule has not ended; left out")

@@ -47,10 +47,12 @@ def load_checkpoint(path: Path) -> dict:
 
 def check_crcs(path: Path) -> None:
     """torch.load reads an altered tensor silently (seen with torch 2.13); the zip archive
-    torch.save writes has a CRC-32 per record, so check them all. Files that are no zip are
-    left to torch.load to refuse. CRCs catch damage, not forgery: safety is weights_only."""
+    torch.save writes has a CRC-32 per record, so check them all; a file that is no zip
+    archive (a text file, torch's legacy pickle format) was not written by save_checkpoint.
+    CRCs catch damage, not forgery: safety is weights_only."""
     if not zipfile.is_zipfile(path):
-        return
+        raise CheckpointError(f"{path}: unreadable or unsafe checkpoint (not the zip archive "
+                              "torch.save writes: is it a checkpoint.pt?)")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
