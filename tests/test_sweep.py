@@ -197,7 +197,7 @@ def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
     import torch
 
     from bench import forecast
-    from sweep.checkpoint import load_checkpoint, save_checkpoint
+    from sweep.checkpoint import save_checkpoint
     from sweep.train import as_longer_run, run_trial
     from sweep.trainable import newest_good_checkpoint
 
@@ -251,8 +251,8 @@ def test_a_longer_run_goes_on_from_its_checkpoint_with_the_schedule_stretched(
         assert drawn["run"].tolist() == ["longer"] * 2 + ["longest"] * 3
         assert (longest / "curve.png").read_bytes()[:4] == b"\x89PNG"
     # bench/forecast.py reads a finished trial's curve the same way, the source's epochs in.
-    final_path = sorted(longest.glob("checkpoint_*"))[-1] / "checkpoint.pt"
-    assert forecast.learning_curve(final_path, load_checkpoint(final_path))["samples"].tolist() \
+    newest, newest_path, _ = newest_good_checkpoint(longest)
+    assert forecast.learning_curve(newest_path, newest)["samples"].tolist() \
         == drawn["samples"].tolist()
     assert curve.main([str(experiment)]) == 2
     assert "is not a trial's folder" in capsys.readouterr().err
