@@ -48,6 +48,17 @@ def epoch_news(result: dict, planned_epochs: int | None) -> str:
     return news
 
 
+def best_val_mse(trials: list, newest: dict[str, dict] | None = None) -> str:
+    """The lowest of the trials' newest val_mse ('-' before any), as Tune ranks trials: by
+    their last result. Tune calls on_trial_result before the result becomes the trial's
+    last_result, so the one being reported comes in `newest` (trial_id -> result)."""
+    newest = newest or {}
+    results = [newest.get(t.trial_id, t.last_result) for t in trials]
+    scores = [r.get("val_mse") for r in results if r]
+    scores = [s for s in scores if s is not None and math.isfinite(s)]
+    return f"{min(scores):.3e}" if scores else "-"
+
+
 def make_progress(c: SweepConfig):
     from ray import tune
 
@@ -76,12 +87,10 @@ def make_progress(c: SweepConfig):
         def elapsed(self) -> float:
             return self.earlier + time.monotonic() - self.started
 
-        def line(self, trials, news: str, ending=None) -> None:
+        def line(self, trials, news: str, ending=None, newest: dict | None = None) -> None:
             done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
             running = sum(t.status == "RUNNING" and t is not ending for t in trials)
-            scores = [t.last_result.get("val_mse") for t in trials if t.last_result]
-            scores = [s for s in scores if s is not None and math.isfinite(s)]
-            best = f"{min(scores):.3e}" if scores else "-"
+            best = best_val_mse(trials, newest)
             elapsed = self.elapsed()
             if c.time_budget:
                 left = f"{max(0.0, c.time_budget - elapsed) / 60:.1f} min left (budget)"
@@ -112,7 +121,7 @@ def make_progress(c: SweepConfig):
             if time.monotonic() - self.last_print > 10:
                 self.last_print = time.monotonic()
                 news = epoch_news(result, trial.config.get("epochs"))
-                self.line(trials, f"{trial.trial_id} {news}")
+                self.line(trials, f"{trial.trial_id} {news}", newest={trial.trial_id: result})
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             result = trial.last_result or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -24,7 +26,7 @@ from sweep import curve, long_runs, run, tuner
 from sweep import report as report_cli
 from sweep.config import SETTINGS_FILE, first_rung, scoring_pairs
 from sweep.experiment import check_same_sweep
-from sweep.progress import epoch_news
+from sweep.progress import best_val_mse, epoch_news
 from sweep.report import COLUMNS, build_report, load_trials, pareto_front
 from sweep.space import SMALLEST, fit_budget, space, start_points
 from sweep.train import TrainConfig, split_config
@@ -378,6 +380,16 @@ def test_the_progress_line_says_when_a_trial_reaches_its_last_epoch():
     assert epoch_news({**result, "epoch": 138}, 140).endswith(", ~8 min to epoch 140")
     assert epoch_news({**result, "epoch": 140}, 140) == "epoch 140/140: val_mse 5.293e-04"
     assert epoch_news({"epoch": 3}, None) == "epoch 3: val_mse nan"  # an old trial's config
+
+
+def test_the_progress_lines_best_counts_the_result_being_reported():
+    # Tune hands a result to the callbacks before it becomes the trial's last_result: the
+    # best printed beside an epoch's news must count that epoch, not the one before.
+    a = SimpleNamespace(trial_id="a", last_result={"val_mse": 5.158e-4})
+    b = SimpleNamespace(trial_id="b", last_result={})
+    assert best_val_mse([a, b], newest={"a": {"val_mse": 5.087e-4}}) == "5.087e-04"
+    assert best_val_mse([a, b]) == "5.158e-04"
+    assert best_val_mse([b], newest={"b": {"val_mse": math.nan}}) == "-"
 
 
 # --- whole sweeps ----------------------------------------------------------------------------
