@@ -117,7 +117,8 @@ def make_progress(c: SweepConfig):
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if result.get("resume_note"):  # a retried or resumed trial: say from where
-                self.line(trials, f"{trial.trial_id}: {result['resume_note']}")
+                self.line(trials, f"{trial.trial_id}: {result['resume_note']}",
+                          newest={trial.trial_id: result})
             if time.monotonic() - self.last_print > 10:
                 self.last_print = time.monotonic()
                 news = epoch_news(result, trial.config.get("epochs"))
