@@ -116,13 +116,13 @@ def make_progress(c: SweepConfig):
                       "trial ends", flush=True)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            newest = {trial.trial_id: result}  # not yet the trial's last_result
             if result.get("resume_note"):  # a retried or resumed trial: say from where
-                self.line(trials, f"{trial.trial_id}: {result['resume_note']}",
-                          newest={trial.trial_id: result})
+                self.line(trials, f"{trial.trial_id}: {result['resume_note']}", newest=newest)
             if time.monotonic() - self.last_print > 10:
                 self.last_print = time.monotonic()
                 news = epoch_news(result, trial.config.get("epochs"))
-                self.line(trials, f"{trial.trial_id} {news}", newest={trial.trial_id: result})
+                self.line(trials, f"{trial.trial_id} {news}", newest=newest)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             result = trial.last_result or {}
