@@ -72,7 +72,7 @@ from sweep.checkpoint import (  # noqa: E402
 )
 from sweep.device import choose_fast_path, pick_device  # noqa: E402
 from sweep.scoring import TEST_PAIRS, TEST_SEEDS, test_score  # noqa: E402
-from sweep.train import LEGACY_LR, LEGACY_RECIPE, TrainConfig, run_trial  # noqa: E402
+from sweep.train import TrainConfig, run_trial  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "sweep" / "train.py"
@@ -110,12 +110,13 @@ DESIGNS = {
                                          "(3.68e-4 after ~19.4M samples)"),
     "tiny": Design("tiny", why="dry runs"),
 }
-# The recipe the designs' learning rates were found with (AdamW, cosine to lr/100), spelled
-# out: the GPU runs stay comparable with the CPU runs they extend whatever the defaults.
-RECIPE = TrainConfig(**LEGACY_RECIPE, lr=LEGACY_LR)
-# The lr is scaled with the batch by sqrt(batch / RECIPE's batch), at most by this
-# factor: a larger batch takes fewer, surer steps, but the recipe was tuned at batch 64
-# and a design without batch norm (reference) may not take more. A guess, not measured.
+# Today's recipe, the one the front's CPU runs train with (Muon on the hidden conv filters,
+# AdamW on the rest, linear decay to 0; results/2026-12-03-time-to-quality).
+RECIPE = TrainConfig()
+# Both learning rates (Muon's and AdamW's) are scaled with the batch by sqrt(batch /
+# RECIPE's batch), at most by this factor: a larger batch takes fewer, surer steps, but the
+# recipe was tuned at batch 64 and a design without batch norm (reference) may not take
+# more. A guess, not measured.
 MAX_LR_SCALE = 2.0
 # A trainer sizes its run to this share of the rate it measured: each epoch's validation,
 # checkpoint and curve.png, and the first epoch's warm-up, are outside the probe.
@@ -306,10 +307,12 @@ def chosen_batch(rates: dict[int, float], fallback: int) -> int:
     return min(b for b, r in rates.items() if r >= FAST_PATH_SHARE * best)
 
 
+def lr_scale(batch: int) -> float:
+    return min(MAX_LR_SCALE, math.sqrt(batch / RECIPE.batch_size))
+
+
 def scaled_lr(design: Design, batch: int) -> float:
-    base = RECIPE
-    lr = design.lr or base.lr
-    return lr * min(MAX_LR_SCALE, math.sqrt(batch / base.batch_size))
+    return (design.lr or RECIPE.lr) * lr_scale(batch)
 
 
 def train_flags(design: Design) -> list[str]:
@@ -366,9 +369,10 @@ def trainer(args: argparse.Namespace) -> int:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     sources = load_sources(device)
     lr = scaled_lr(design, args.batch_size)
+    muon_lr = RECIPE.muon_lr * lr_scale(args.batch_size)
     mode = Mode("fast default", choose_fast_path(device))
     step = real_training_step(design.model, args.batch_size, mode, sources.train,
-                              replace(RECIPE, lr=lr))
+                              replace(RECIPE, lr=lr, muon_lr=muon_lr))
     warm_up(step, plan.warmup_steps)
     wait_for_the_others(args.out.parent / READY_DIR, args.design, args.sharing)
     per_s = samples_per_second(step, args.batch_size, plan.probe_s, device)
@@ -379,6 +383,7 @@ def trainer(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "plan.json", {"design": args.design, **asdict(design),
                                         "batch_size": args.batch_size, "lr": lr,
+                                        "muon_lr": muon_lr,
                                         **asdict(sizing)})
     print(f"probe: {per_s:,.0f} samples/s at batch {args.batch_size}; {sizing.epochs} "
           f"epochs of {sizing.samples_per_epoch:,} samples in {sizing.seconds:.0f} s",
@@ -390,7 +395,8 @@ def trainer(args: argparse.Namespace) -> int:
                        "--epochs", str(sizing.epochs),
                        "--samples-per-epoch", str(sizing.samples_per_epoch),
                        "--batch-size", str(args.batch_size), "--lr", repr(lr),
-                       "--optimizer", RECIPE.optimizer, "--schedule", RECIPE.schedule,
+                       "--muon-lr", repr(muon_lr), "--optimizer", RECIPE.optimizer,
+                       "--schedule", RECIPE.schedule,
                        "--val-pairs", str(plan.val_pairs), "--test-pairs", str(plan.test_pairs),
                        *(["--threads", str(plan.threads)] if plan.threads else [])])
 
@@ -521,8 +527,9 @@ def report_design(ctx: Context, t: Trainer, seconds: float) -> None:
     test = (f"test {m['test_mse_mean']:.3e} ± {m['test_mse_std']:.1e} "
             f"({len(TEST_SEEDS)} x {m['test_pairs']:,})" if "test_mse_mean" in m
             else "test: not scored")
-    say(f"  {t.name}: {m['params']:,} params, batch {cfg['batch_size']}, lr {cfg['lr']:.2e}, "
-        f"{figures['samples']:,} samples in {state['train_seconds']:.0f} s "
+    say(f"  {t.name}: {m['params']:,} params, batch {cfg['batch_size']}, lr {cfg['lr']:.2e} "
+        f"(Muon {cfg['muon_lr']:.2e}), {figures['samples']:,} samples in "
+        f"{state['train_seconds']:.0f} s "
         f"({rate(figures['samples'] / max(state['train_seconds'], 1e-9))} samples/s), "
         f"epoch {state['epoch']}/{cfg['epochs']} {m['status']}, val {m['val_mse']:.3e}, "
         f"{test} -> {ckpt}")
