@@ -137,3 +137,16 @@ def test_the_batch_is_the_smallest_that_keeps_the_device_busy() -> None:
     assert chosen_batch({256: 20_000.0, 1024: 45_000.0, 4096: 50_000.0}, 256) == 1024
     assert chosen_batch({256: 49_000.0, 1024: 45_000.0, 4096: 50_000.0}, 256) == 256
     assert chosen_batch({}, 256) == 256  # nothing measured: the plan's first
+
+
+def test_only_a_design_with_batch_norm_gets_its_learning_rates_scaled_with_the_batch() -> None:
+    # On an H200 the reference (no batch norm) diverged at 2x the recipe's learning rates
+    # while `small` (batch norm) trained well (results/2026-12-04-gpu).
+    small, reference = gpu_front.DESIGNS["small263k"], gpu_front.DESIGNS["reference"]
+    assert small.model.batch_norm and not reference.model.batch_norm
+    recipe = gpu_front.RECIPE
+    assert gpu_front.scaled_lr(small, 256) == pytest.approx(2 * recipe.lr)  # sqrt(256 / 64)
+    assert gpu_front.scaled_lr(small, 4096) == pytest.approx(gpu_front.MAX_LR_SCALE * recipe.lr)
+    assert gpu_front.lr_scale(small, recipe.batch_size) == 1.0
+    assert gpu_front.scaled_lr(reference, 4096) == recipe.lr
+    assert gpu_front.lr_scale(reference, 4096) == 1.0
