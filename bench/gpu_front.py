@@ -18,7 +18,7 @@ failed part leaves the others and the files already written:
    metrics.csv and curve.png), all at once on the device by default, at the batch size
    part 1 found keeps the device busy, for as many samples as the window allows. Each
    trainer first measures its own rate beside the others, then sizes its epochs so that
-   the cosine schedule ends inside the window;
+   the schedule ends inside the window;
 3. each scored on the full test protocol (10 x 20,000 pairs) on the device, by train.py's
    --test-pairs at the end of its last epoch.
 
@@ -341,7 +341,7 @@ class Sizing:
 
 def size_run(per_s: float, seconds: float, batch: int, epoch_s: float) -> Sizing:
     """Epochs of about epoch_s whose samples, at SAFETY x the measured rate, end within
-    `seconds`: the cosine schedule ends at the budget, not cut off by the deadline."""
+    `seconds`: the schedule ends at the budget, not cut off by the deadline."""
     samples = per_s * max(seconds, 0.0) * SAFETY
     epochs = max(1, round(seconds / epoch_s))
     per_epoch = max(batch, int(samples / epochs) // batch * batch)
