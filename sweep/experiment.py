@@ -18,6 +18,11 @@ not know is either
   trained again, and no trial is made in its place; or
 - moved to lost/ in the experiment, whole, if it never ended: the resumed sweep makes
   another trial in its place (its Optuna trial is marked FAIL, sweep/study_search.py).
+
+Tune writes tuner.pkl, what a resume starts from, as the new sweep's Tuner is built; a
+resumed Tune copies it back into the experiment, in place, with every snapshot. A driver
+killed during either write leaves it cut short, and Tune's resume would end in a
+traceback: a copy kept beside it, which Tune never touches, puts it back (mend_tuner).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pickletools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,9 @@ LOST_DIR = "lost"  # in the experiment: trial directories a resumed sweep does n
 ENDED = ("finished", "diverged")  # a trial's own status once its last checkpoint is saved
 STATE_FILES = "experiment_state-*.json"  # Tune's snapshots of the trials, one per driver
 COUNT_FILES = "search_gen_state-*.json"  # the search generator's, beside each (a pickle)
+TUNER_FILE = "tuner.pkl"  # Tune's pickled Tuner: what a resume starts from
+# Its copy, under a name Tune leaves alone (it copies *.pkl and *.json back with snapshots)
+KEPT_TUNER_FILE = "tuner.pkl.kept"
 
 
 class StateError(Exception):
@@ -87,6 +96,47 @@ def reconcile(experiment: str) -> Reconciled:
         count["counter"] = len(snapshot["trial_data"])
         storage.write_bytes(counted[-1], cloudpickle.dumps(count))
     return found
+
+
+def keep_tuner(experiment: str) -> None:
+    """Keep a copy of a whole tuner.pkl, once: it never changes after the Tuner is built."""
+    kept = storage.join(experiment, KEPT_TUNER_FILE)
+    if not storage.exists(kept):
+        storage.write_bytes(kept, storage.read_bytes(storage.join(experiment, TUNER_FILE)))
+
+
+def mend_tuner(experiment: str) -> None:
+    """Before a resume: a cut-short tuner.pkl put back from its kept copy; without one, and
+    without a snapshot (killed while the Tuner was built, before any trial), removed, so
+    that the same command begins the sweep anew. A whole one is kept, if it is not yet."""
+    location = storage.join(experiment, TUNER_FILE)
+    try:
+        data = storage.read_bytes(location)
+    except FileNotFoundError:
+        return
+    if is_whole_pickle(data):
+        keep_tuner(experiment)
+        return
+    kept = storage.join(experiment, KEPT_TUNER_FILE)
+    if storage.exists(kept):
+        storage.write_bytes(location, storage.read_bytes(kept))
+        print(f"{location} was cut short by a kill: put back from {KEPT_TUNER_FILE}")
+    elif not storage.names(experiment, STATE_FILES):
+        storage.remove(location)
+        print(f"{location} was cut short by a kill before the sweep began: beginning it anew")
+    else:
+        raise StateError(f"{location} is cut short or damaged and has no kept copy; the "
+                         "sweep cannot resume from it: start over with --fresh")
+
+
+def is_whole_pickle(data: bytes) -> bool:
+    """Whether `data` is a pickle to its STOP opcode, read without running any of it."""
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except ValueError:  # "pickle exhausted before seeing STOP", "not enough data ..."
+        return False
+    return bool(data)
 
 
 def read_snapshot(experiment: str, location: str, pattern: str, parse):

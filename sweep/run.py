@@ -27,6 +27,7 @@ from sweep.experiment import (
     StateError,
     check_same_sweep,
     lock_experiment,
+    mend_tuner,
     move_aside,
     reconcile,
     save_final_states,
@@ -62,6 +63,7 @@ def prepare_experiment(c: SweepConfig) -> str | None:
     if c.fresh and storage.exists(experiment):
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
+    mend_tuner(experiment)  # before the question below: a cut-short tuner.pkl answers yes
     resuming = tune.Tuner.can_restore(experiment)
     # First: a study that cannot be resumed (locked, damaged, another sweep's) is refused
     # before anything in the experiment changes.

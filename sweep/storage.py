@@ -119,6 +119,12 @@ def write_bytes(location: str, data: bytes) -> None:
         f.write(data)
 
 
+def remove(location: str) -> None:
+    """Delete a file."""
+    fs, path = filesystem(location)
+    fs.delete_file(path)
+
+
 def move(location: str, to: str) -> None:
     """Move a directory, into a parent made if missing (an object store has no directories
     to make or rename: copy, then delete)."""
@@ -246,7 +252,9 @@ def relocate_search_state(experiment: str) -> None:
 
     fs, path = filesystem(experiment)
     parent, name = posixpath.split(path.rstrip("/"))
-    for snapshot in names(experiment, "search_gen_state-*.json"):
+    # The newest only: Tune restores from it, and an older one may be cut short (a kill
+    # while a resumed Tune copied it back into the experiment with a snapshot).
+    for snapshot in names(experiment, "search_gen_state-*.json")[-1:]:
         location = join(experiment, snapshot)
         state = cloudpickle.loads(read_bytes(location))
         stored = state["experiment"].storage

@@ -11,7 +11,7 @@ import warnings
 from sweep import long_runs, storage, study
 from sweep.cluster import concurrency
 from sweep.config import MAX_FAILURES, SweepConfig, first_rung, long_run_configs, objective
-from sweep.experiment import save_settings
+from sweep.experiment import keep_tuner, save_settings
 from sweep.progress import make_progress
 from sweep.space import space, start_points
 from sweep.train import default_recipe
@@ -77,8 +77,10 @@ def new_tuner(c: SweepConfig, trainable):
     )
     save_settings(c)
     print(f"new sweep in {c.experiment_uri}: {c.trials} trials, up to {n_concurrent} at once")
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config,
-                      param_space=param_space)
+    tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config,
+                       param_space=param_space)
+    keep_tuner(c.experiment_uri)  # tuner.pkl is whole now: its copy mends a later cut
+    return tuner
 
 
 def optuna_search(c: SweepConfig):

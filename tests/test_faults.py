@@ -9,6 +9,7 @@ import functools
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -36,7 +37,7 @@ from sweep import cluster, config, run, trainable, tuner
 from sweep import report as report_cli
 from sweep.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from sweep.device import FastPath, choose_fast_path
-from sweep.experiment import tell_study
+from sweep.experiment import KEPT_TUNER_FILE, TUNER_FILE, StateError, mend_tuner, tell_study
 from sweep.files import atomic_write
 from sweep.report import COLUMNS, METRICS, build_report
 from sweep.space import SMALLEST
@@ -267,8 +268,16 @@ def test_driver_killed_at_each_point_then_the_same_command_ends_the_sweep(tmp_pa
     orphan = experiment / "trial_0a0a0a0a"
     orphan.mkdir()
     (orphan / "result.json").write_text('{"epoch": 1}\n')
+    # And a kill while the resumed Tune copied tuner.pkl back with a snapshot cuts it short
+    # (here for sure): it is put back from its kept copy. Ray Tune's traceback (EOFError) before.
+    tuner_pkl = experiment / TUNER_FILE
+    whole_tuner = tuner_pkl.read_bytes()
+    tuner_pkl.write_bytes(whole_tuner[: len(whole_tuner) // 2])
     driver = Driver(argv)
     assert driver.wait() == 0, driver.output[-3000:]
+    assert f"{tuner_pkl} was cut short by a kill: put back from {KEPT_TUNER_FILE}" \
+        in driver.output
+    assert tuner_pkl.read_bytes() == whole_tuner
     assert "resuming the sweep" in driver.output
     assert f"moved to {experiment / 'lost' / orphan.name}" in driver.output
     assert (experiment / "lost" / orphan.name / "result.json").read_text() == '{"epoch": 1}\n'
@@ -391,6 +400,35 @@ def test_a_trial_that_ended_after_the_last_snapshot_is_kept_and_never_trained_ag
         assert "Traceback" not in driver.output, driver.output[-3000:]
         assert files_of(experiment) == before
         newest.write_bytes(whole)
+
+
+def test_a_cut_short_tuner_pkl_is_put_back_removed_or_refused(tmp_path, capsys):
+    """tuner.pkl cut short by a kill: put back from its kept copy; without one and before
+    any snapshot (killed while the Tuner was built), removed, so that the sweep begins
+    anew; without one after a snapshot, refused in one line. A whole one is kept once."""
+    experiment = str(tmp_path)
+    tuner_pkl, kept = tmp_path / TUNER_FILE, tmp_path / KEPT_TUNER_FILE
+    whole = pickle.dumps({"searcher": list(range(1000))})
+    tuner_pkl.write_bytes(whole)
+    mend_tuner(experiment)
+    assert kept.read_bytes() == whole and capsys.readouterr().out == ""
+
+    for cut in (b"", whole[:1], whole[: len(whole) // 2], whole[:-1]):
+        tuner_pkl.write_bytes(cut)
+        mend_tuner(experiment)
+        assert tuner_pkl.read_bytes() == whole
+        assert "cut short by a kill: put back" in capsys.readouterr().out
+
+    kept.unlink()
+    tuner_pkl.write_bytes(whole[:100])
+    mend_tuner(experiment)
+    assert not tuner_pkl.exists() and "beginning it anew" in capsys.readouterr().out
+
+    (tmp_path / "experiment_state-2026-12-04_10-00-00.json").write_text("{}")
+    tuner_pkl.write_bytes(b"")
+    with pytest.raises(StateError, match="cut short or damaged and has no kept copy.*--fresh"):
+        mend_tuner(experiment)
+    assert tuner_pkl.read_bytes() == b""  # refused: nothing changed
 
 
 def test_an_adopted_trial_the_killed_driver_never_told_is_told_as_it_ended(tmp_path):
