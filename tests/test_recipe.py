@@ -215,9 +215,13 @@ def test_time_to_quality_dry_run(tmp_path: Path) -> None:
     assert summary.loc["A", "samples"] > summary.loc["B", "samples"]
     curves = pd.read_csv(tmp_path / "curves.csv")
     assert len(curves) == 6 and curves.val_mse.notna().all()
-    last = curves.groupby("run").lr.last()
-    assert last["B"] < 0.2 * 0.05  # linear to 0: the last step is near the end of it
-    assert last["C"] < 0.2 * 0.05  # so is wsd's
+    mid, last = curves.groupby("run").lr.first(), curves.groupby("run").lr.last()
+    # Each run's last step began in the last fifth of its budget: nothing finer holds, a
+    # step on a slow, busy machine being a twentieth of these seconds-long budgets. Then
+    # linear's LR is below a fifth of its peak (Muon's 0.05), and wsd's, at its peak at
+    # mid-budget, is decaying (below a fifth of the peak only in the last 4%).
+    assert last["B"] < 0.2 * 0.05
+    assert mid["C"] == 0.05 and last["C"] < 0.05
     assert last["A"] < 0.2 * LEGACY_LR
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "cpu:" in (tmp_path / "machine.txt").read_text()
