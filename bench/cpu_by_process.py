@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
-    start, machine_before, wall = ticks_since_boot(), cpu_times(), time.monotonic()
+    start, machine_before, began = ticks_since_boot(), cpu_times(), time.monotonic()
     seen: dict[int, Seen] = {}
     try:
         proc = subprocess.Popen(command)
@@ -120,17 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:  # the command got the Ctrl-C too: let it end, then report
         proc.wait()
-    wall = time.monotonic() - wall
+    wall = time.monotonic() - began
     machine = [b - a for a, b in zip(machine_before, cpu_times(), strict=True)]
     rows = table(seen)
     print(f"\n{'CPU s':>9}  {'procs':>5}  kind")
     for kind, seconds, count in rows:
         print(f"{seconds:9.1f}  {count:5d}  {kind}")
     total = sum(seconds for _, seconds, _ in rows)
-    user, nice, system, idle = machine[:4]
+    user, nice, system, idle = (ticks / sum(machine) for ticks in machine[:4])
     print(f"{total:9.1f}  total; wall {wall:.0f} s on {os.cpu_count()} cores; the machine "
-          f"{1 - idle / sum(machine):.0%} busy (user {user / sum(machine):.0%}, "
-          f"niced {nice / sum(machine):.0%}, system {system / sum(machine):.0%})")
+          f"{1 - idle:.0%} busy (user {user:.0%}, niced {nice:.0%}, system {system:.0%})")
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # as a shell
 
 
