@@ -2,6 +2,8 @@
 
     python sweep/front.py results/*/checkpoint.pt results/*/*/checkpoint.pt --out results/front.md
 
+A plot of the same goes beside the table: front.png beside front.md.
+
 A model counts when its checkpoint holds a test score on the full protocol (10 sets of
 20,000 pairs); a published point is dominated by one of ours with fewer or equal
 parameters and a lower test MSE. The table lists every published point, and for each the
@@ -22,6 +24,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 
 from sweep.checkpoint import CheckpointError, load_checkpoint, samples_trained
 from sweep.files import atomic_write
+from sweep.plots import plot_front
 from sweep.scoring import PUBLISHED, SCORE_FILE, TEST_PAIRS
 
 
@@ -103,14 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     published = [Point(label, params, mse) for label, params, mse in PUBLISHED]
     rows = front_rows(ours, published)
     table = markdown(rows)
+    png = args.out.with_suffix(".png")
     try:
         atomic_write(args.out, lambda f: f.write(table.encode()))
+        plot_front([(p.params, p.test_mse) for p in ours],
+                   [(r["published"].name, r["published"].params, r["published"].test_mse,
+                     r["dominated"]) for r in rows], png)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(table, end="")
     print(f"{sum(r['dominated'] for r in rows)} of {len(rows)} published points dominated, "
-          f"from {len(ours)} of our models -> {args.out}")
+          f"from {len(ours)} of our models -> {args.out}, {png}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Figures, where a person would rather look than read: a sweep's MSE against model size
-(pareto.png), a run's learning curve (curve.png), a model's separations (evaluate.py's
-PNG). Written atomically, like the rest."""
+(pareto.png), ours against the published points (front.png), a run's learning curve
+(curve.png), a model's separations (evaluate.py's PNG). Written atomically, like the rest."""
 
 from __future__ import annotations
 
@@ -70,6 +70,43 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
             fontsize=7, va="bottom", color="tab:red")
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="MSE",
            title="Separation MSE against model size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_png(fig, path)
+
+
+def plot_front(ours: list[tuple[int, float]], published: list[tuple[str, int, float, bool]],
+               path: Path) -> None:
+    """Our full-protocol test scores (params, test MSE) against the published points
+    (label, params, test MSE, dominated by one of ours), log-log, our front drawn: the
+    picture of front.md's table."""
+    fig, ax = new_figure(figsize=(10, 5))
+    front, best = [], float("inf")
+    for params, mse in sorted(ours):
+        if mse < best:  # no smaller model of ours scores as well: on our front
+            front.append((params, mse))
+            best = mse
+    if front:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", c="darkgreen", lw=1.2)
+    if ours:
+        xs, ys = zip(*ours, strict=True)
+        ax.scatter(xs, ys, marker="D", s=50, c="darkgreen", zorder=4,
+                   label="ours, full test protocol")
+    listing = []
+    for i, (label, params, mse, dominated) in enumerate(published, start=1):
+        ax.scatter([params], [mse], marker="*", s=140, zorder=3,
+                   facecolors="none" if dominated else "tab:red", edgecolors="tab:red",
+                   label="published (filled: none of ours beats it)" if i == 1 else None)
+        ax.annotate(str(i), (params, mse), textcoords="offset points", xytext=(5, 3),
+                    fontsize=8, color="tab:red")
+        listing.append(f"{i} {label}: {params / 1e6:.3g}M, {mse:.2e}"
+                       f"{' (beaten)' if dominated else ''}")
+    fig.subplots_adjust(left=0.09, right=0.64)  # the listing goes right of the axes
+    ax.text(1.03, 0.0, "published (test MSE)\n" + "\n".join(listing), transform=ax.transAxes,
+            fontsize=7, va="bottom", color="tab:red")
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="test MSE",
+           title="Ours against the published solutions")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 
@@ -51,6 +52,10 @@ def test_cli_reads_committed_checkpoints_and_skips_those_without_the_full_protoc
     assert "| reference (customized U-Net) | 3,684,214 | 3.68e-04 | no (+34% MSE) |" in table
     assert "short.pt" not in table
     assert "0 of 8 published points dominated, from 1 of our models" in capsys.readouterr().out
+    # The table's picture beside it: a PNG that decodes whole.
+    png = out.with_suffix(".png")
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert matplotlib.image.imread(png).shape[:2] == (550, 1100)  # 10 x 5 in at 110 dpi
 
 
 def test_a_harness_long_runs_checkpoint_counts_with_the_samples_it_trained_on(
