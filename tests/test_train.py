@@ -720,6 +720,29 @@ def test_evaluate_scores_in_fp32_whatever_the_fast_path(tmp_path: Path, capsys,
     assert scores["bf16"] == pytest.approx(scores["fp32"], rel=1e-4), scores
 
 
+def test_evaluate_on_other_seeds_scores_other_sets_and_keeps_no_score(
+        tmp_path: Path, capsys, monkeypatch, sources: Sources, fast) -> None:
+    """--first-seed 100 scores the sets seeded 100-109 and says so; it keeps no
+    test_score.json, which front.py would take for the protocol's score (the protocol's
+    seeds, 0-9, keep one)."""
+    shutil.copy(REPO / "results/2026-12-02-long-117k/experiment/trial_3152f_00000/"
+                "checkpoint_000039/checkpoint.pt", tmp_path / CHECKPOINT_FILE)
+    monkeypatch.setattr(evaluate, "TEST_PAIRS", 300)  # 300 pairs a set count as the protocol
+    scores = {}
+    for first, kept in ((100, False), (0, True)):
+        assert evaluate.main([str(tmp_path / CHECKPOINT_FILE), "--pairs", "300", "--threads",
+                              "1", "--first-seed", str(first)]) == 0
+        [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("test_mse")]
+        assert ("seeded 100-109, not the protocol's" in line) == (first == 100), line
+        assert (tmp_path / scoring.SCORE_FILE).exists() == kept
+        scores[first] = float(line.split()[1])
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    model = model_from_checkpoint(state, fast.device)
+    mean, _ = scoring.test_score(model, sources.test, state["model_config"]["mixture"], fast,
+                                 300, tuple(range(100, 110)))
+    assert scores[100] == pytest.approx(mean, rel=1e-4) and scores[100] != scores[0]  # 4 digits
+
+
 def test_evaluate_refuses_a_foreign_file(tmp_path: Path, capsys) -> None:
     path = tmp_path / "x.pt"
     torch.save({"hello": 1}, path)
@@ -731,6 +754,8 @@ def test_evaluate_refuses_a_foreign_file(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("flags, phrase", [(["--threads", "-1"], "--threads must be >= 0"),
                                            (["--pairs", "0"], "--pairs must be >= 1"),
+                                           (["--first-seed", "-1"],
+                                            "--first-seed must be >= 0"),
                                            (["--png", "/"], "--png / is a directory")])
 def test_evaluate_bad_flag_is_one_usage_line_exit_2(tmp_path: Path, capsys, flags,
                                                     phrase) -> None:
