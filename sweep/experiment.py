@@ -42,6 +42,10 @@ LOST_DIR = "lost"  # in the experiment: trial directories a resumed sweep does n
 ENDED = ("finished", "diverged")  # a trial's own status once its last checkpoint is saved
 STATE_FILES = "experiment_state-*.json"  # Tune's snapshots of the trials, one per driver
 COUNT_FILES = "search_gen_state-*.json"  # the search generator's, beside each (a pickle)
+# All that Tune reads back on a resume, each kind the newest of its name: the searcher's
+# (Optuna's, or the basic variant generator's for --from) and the callbacks' too
+SNAPSHOT_FILES = (STATE_FILES, COUNT_FILES, "basic-variant-state-*.json",
+                  "searcher-state-*.pkl", "callback-states-*.pkl")
 TUNER_FILE = "tuner.pkl"  # Tune's pickled Tuner: what a resume starts from
 # Its copy, under a name Tune leaves alone (it copies *.pkl and *.json back with snapshots)
 KEPT_TUNER_FILE = "tuner.pkl.kept"
@@ -137,6 +141,48 @@ def is_whole_pickle(data: bytes) -> bool:
     except ValueError:  # "pickle exhausted before seeing STOP", "not enough data ..."
         return False
     return bool(data)
+
+
+def set_aside_cut_snapshots(experiment: str) -> list[str]:
+    """Before a resume: a newest snapshot with a file cut short (a driver killed while Tune
+    wrote it) moved, all its files (Tune names them by their driver's start time), to
+    lost/snapshot-<time>/, so that Tune resumes from the snapshot before, which reconcile()
+    then squares with the disk. Returns the moved snapshots' times."""
+    moved = []
+    while cut := newest_cut_snapshot_file(experiment):
+        location, pattern = cut
+        stamp = storage.snapshot_stamp(location, pattern)
+        aside = storage.join(experiment, LOST_DIR, f"snapshot-{stamp}")
+        for name in storage.names(experiment, f"*-{stamp}.*"):
+            storage.write_bytes(storage.join(aside, name),
+                                storage.read_bytes(storage.join(experiment, name)))
+            storage.remove(storage.join(experiment, name))
+        moved.append(stamp)
+        print(f"{location} was cut short by a kill: that snapshot's files moved to {aside}; "
+              "resuming from the one before")
+    return moved
+
+
+def newest_cut_snapshot_file(experiment: str) -> tuple[str, str] | None:
+    """(location, pattern) of the first of Tune's newest snapshot files, one per kind, that
+    is not whole; None when all are. Checked without running any of their pickles."""
+    for pattern in SNAPSHOT_FILES:
+        if names := storage.names(experiment, pattern):
+            location = storage.join(experiment, names[-1])
+            if not is_whole_snapshot_file(names[-1], storage.read_bytes(location)):
+                return location, pattern
+    return None
+
+
+def is_whole_snapshot_file(name: str, data: bytes) -> bool:
+    """Whether a snapshot file is whole: the experiment's state is JSON, the rest pickles."""
+    if not name.startswith(STATE_FILES.partition("*")[0]):
+        return is_whole_pickle(data)
+    try:
+        json.loads(data)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+    return True
 
 
 def read_snapshot(experiment: str, location: str, pattern: str, parse):

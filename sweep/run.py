@@ -31,6 +31,7 @@ from sweep.experiment import (
     move_aside,
     reconcile,
     save_final_states,
+    set_aside_cut_snapshots,
     tell_study,
 )
 from sweep.progress import source_trials
@@ -64,6 +65,7 @@ def prepare_experiment(c: SweepConfig) -> str | None:
         print(f"--fresh: moved the previous experiment to {move_aside(experiment, c.name)}")
     check_same_sweep(c)
     mend_tuner(experiment)  # before the question below: a cut-short tuner.pkl answers yes
+    set_aside_cut_snapshots(experiment)  # before the study reads the searcher's snapshot
     resuming = tune.Tuner.can_restore(experiment)
     # First: a study that cannot be resumed (locked, damaged, another sweep's) is refused
     # before anything in the experiment changes.

@@ -223,12 +223,17 @@ def damaged_snapshot(location: str, pattern: str, experiment: str, e: Exception)
     """The one line for a snapshot file (named by `pattern`, Tune's <prefix>*<suffix>) that
     is cut short or damaged: a driver killed while Tune copied it into the experiment. Tune
     names all of one snapshot's files by its driver's start time, so the fix moves them all."""
-    prefix, _, suffix = pattern.partition("*")
-    stamp = location.rsplit("/", 1)[-1].removeprefix(prefix).removesuffix(suffix)
+    stamp = snapshot_stamp(location, pattern)
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return (f"{location} is cut short or damaged ({type(e).__name__}: {reason}); the sweep "
             f"cannot resume from it. Move that snapshot's files (*-{stamp}.*) out of "
             f"{experiment} to resume from the one before, or start over with --fresh")
+
+
+def snapshot_stamp(location: str, pattern: str) -> str:
+    """The driver start time that names a snapshot file (`pattern`: <prefix>*<suffix>)."""
+    prefix, _, suffix = pattern.partition("*")
+    return location.rsplit("/", 1)[-1].removeprefix(prefix).removesuffix(suffix)
 
 
 def sibling(location: str, name: str) -> str:
