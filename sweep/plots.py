@@ -58,16 +58,7 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> None:
     if full.any():
         ax.scatter(tested.loc[full, "params"], tested.loc[full, "test_mse_mean"], s=70,
                    marker="D", c="darkgreen", zorder=4, label="ours, full test protocol")
-    listing = []
-    for i, (label, params, mse) in enumerate(PUBLISHED, start=1):
-        ax.scatter([params], [mse], marker="*", s=140, c="tab:red", zorder=3,
-                   label="published (test)" if i == 1 else None)
-        ax.annotate(str(i), (params, mse), textcoords="offset points", xytext=(5, 3),
-                    fontsize=8, color="tab:red")
-        listing.append(f"{i} {label}: {params / 1e6:.3g}M, {mse:.2e}")
-    fig.subplots_adjust(left=0.09, right=0.64)  # the listing goes right of the axes
-    ax.text(1.03, 0.0, "published (test MSE)\n" + "\n".join(listing), transform=ax.transAxes,
-            fontsize=7, va="bottom", color="tab:red")
+    draw_published(fig, ax, [(*point, False) for point in PUBLISHED], "published (test)")
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="MSE",
            title="Separation MSE against model size")
     ax.grid(True, which="both", alpha=0.3)
@@ -93,11 +84,22 @@ def plot_front(ours: list[tuple[int, float]], published: list[tuple[str, int, fl
         xs, ys = zip(*ours, strict=True)
         ax.scatter(xs, ys, marker="D", s=50, c="darkgreen", zorder=4,
                    label="ours, full test protocol")
+    draw_published(fig, ax, published, "published (filled: none of ours beats it)")
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="test MSE",
+           title="Ours against the published solutions")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_png(fig, path)
+
+
+def draw_published(fig, ax, published: list[tuple[str, int, float, bool]], legend: str) -> None:
+    """The published points (label, params, test MSE, dominated by one of ours) as numbered
+    red stars, hollow where one of ours beats them, listed by number right of the axes."""
     listing = []
     for i, (label, params, mse, dominated) in enumerate(published, start=1):
         ax.scatter([params], [mse], marker="*", s=140, zorder=3,
                    facecolors="none" if dominated else "tab:red", edgecolors="tab:red",
-                   label="published (filled: none of ours beats it)" if i == 1 else None)
+                   label=legend if i == 1 else None)
         ax.annotate(str(i), (params, mse), textcoords="offset points", xytext=(5, 3),
                     fontsize=8, color="tab:red")
         listing.append(f"{i} {label}: {params / 1e6:.3g}M, {mse:.2e}"
@@ -105,11 +107,6 @@ def plot_front(ours: list[tuple[int, float]], published: list[tuple[str, int, fl
     fig.subplots_adjust(left=0.09, right=0.64)  # the listing goes right of the axes
     ax.text(1.03, 0.0, "published (test MSE)\n" + "\n".join(listing), transform=ax.transAxes,
             fontsize=7, va="bottom", color="tab:red")
-    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="test MSE",
-           title="Ours against the published solutions")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    save_png(fig, path)
 
 
 def plot_curve(history: pd.DataFrame, planned_samples: int, path: Path,
